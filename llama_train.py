@@ -116,8 +116,10 @@ def finish_outputs(result: dict[str, Any], *, tokenizer, output_dir: Path,
     return result
 
 
-def run_train(cfg: TrainArgs) -> dict[str, Any]:
-    """Load and split the data, train, and write the output layout; returns train_results."""
+def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
+    """Load and split the data, train, and write the output layout; returns train_results.
+
+    `on_trainer(trainer)` is called before training starts (tests add callbacks with it)."""
     from llama_dataset import (DatasetError, TokenizeStats, dataset_hash, file_sha256,
                                load_and_validate, resolve_prompt_format, split_examples,
                                tokenize_examples)
@@ -174,7 +176,8 @@ def run_train(cfg: TrainArgs) -> dict[str, Any]:
     samples = sample_prompts_from(golden or splits["val"], tokenizer, prompt_format,
                                   cfg.num_sample_prompts)
     result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=eval_rows,
-                     sample_prompts=samples, run_config=run_config, tokenizer=tokenizer)
+                     sample_prompts=samples, run_config=run_config, tokenizer=tokenizer,
+                     on_trainer=on_trainer)
     result["data"] = dataset_info
     return finish_outputs(result, tokenizer=tokenizer, output_dir=output_dir,
                           run_config=run_config)

@@ -632,6 +632,11 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     if model is None:
         model = load_model(run_config["base_model"], use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
                            trust_remote_code=cfg.trust_remote_code, for_training=True)
+    # LoRA A is initialised from the global RNG: seed first, or two runs with the same --seed
+    # start from different adapters.
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.lora_target_modules,
                      gradient_checkpointing=cfg.gradient_checkpointing)
