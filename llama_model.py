@@ -268,15 +268,25 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def fsdp_enabled() -> bool:
+    """True under `accelerate launch` with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def quantization_config(use_4bit: bool, use_8bit: bool, compute_dtype):
     if not (use_4bit or use_8bit):
         return None
     from transformers import BitsAndBytesConfig
 
     if use_4bit:
+        extra = {}
+        if fsdp_enabled():
+            # FSDP flattens parameters of one dtype: store the 4-bit weights in the compute
+            # dtype's storage (the FSDP-QLoRA recipe of Answer.AI / peft docs).
+            extra["bnb_4bit_quant_storage"] = compute_dtype
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **extra)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -305,8 +315,11 @@ def load_model(name: str, *, use_4bit: bool = False, use_8bit: bool = False,
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["dtype"] = compute_dtype
-        kwargs["device_map"] = device_map if device_map is not None else (
-            {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else {"": "cpu"})
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        elif not fsdp_enabled():  # FSDP places the shards itself
+            kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda"
+                                    else {"": "cpu"})
     else:
         kwargs["dtype"] = compute_dtype
         if device_map is not None:

@@ -103,9 +103,11 @@ def sample_prompts_from(examples, tokenizer, prompt_format: str, n: int) -> list
 def finish_outputs(result: dict[str, Any], *, tokenizer, output_dir: Path,
                    run_config: dict[str, Any]) -> dict[str, Any]:
     """final_model/, train_results.json and loss_curve.png after a run."""
-    from llama_trainer import plot_loss_curve, save_final_model, write_json_atomic
+    from llama_trainer import is_main_process, plot_loss_curve, save_final_model, write_json_atomic
 
     model = result.pop("model")
+    if not is_main_process():
+        return result
     if result.get("exit_code") is None:
         final = save_final_model(model, tokenizer, output_dir, run_config)
         result["final_model"] = str(final)
@@ -124,7 +126,7 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
                                load_and_validate, resolve_prompt_format, split_examples,
                                tokenize_examples)
     from llama_model import load_tokenizer, resolve_base_model
-    from llama_trainer import check_output_dir, run_sft
+    from llama_trainer import check_output_dir, is_main_process, run_sft
 
     if not cfg.dataset:
         raise ConfigError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
@@ -169,7 +171,7 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
     run_config = make_run_config(cfg, stage="train", base_model=base_model,
                                  prompt_format=prompt_format, dataset_info=dataset_info)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if splits["test"]:
+    if splits["test"] and is_main_process():
         with open(output_dir / "test.jsonl", "w", encoding="utf-8") as fh:
             for ex in splits["test"]:
                 fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
@@ -215,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code:
         print(f"stopped early; continue with: python3 llama_train.py ... --output-dir "
               f"{cfg.output_dir} --resume auto")
-    else:
+    elif "final_model" in result:
         print(f"adapter: {result['final_model']}")
     return code
 

@@ -130,6 +130,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (and the only process otherwise)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
