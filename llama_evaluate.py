@@ -1,0 +1,669 @@
+r"""Evaluate a LoRA adapter on a JSONL set: generation metrics overall and per category,
+response perplexity, and (with --compare-base) the base model on the same examples.
+
+Chained from training: the adapter's run_config.json supplies the base model, model size,
+prompt format and max length, so only the adapter and the data are needed:
+
+    python3 llama_train.py --model-size 135m --dataset ./sft_output/sft_dataset.jsonl \
+        --golden-set ./sft_output/golden_set.jsonl --output-dir ./training_output --max-steps 100
+    python3 llama_evaluate.py --adapter-path ./training_output/final_model \
+        --dataset ./sft_output/golden_set.jsonl --output ./evaluation_results.json \
+        --compare-base --answer-regex '####\s*(-?[\d,.]+)'
+
+The guide's command (a 7B adapter on a GPU; --base-model must match the adapter's):
+
+    python3 llama_evaluate.py \
+      --base-model meta-llama/Llama-2-7b-hf \
+      --adapter-path ./training_output/final_model \
+      --dataset ./sft_output/golden_set.jsonl \
+      --output ./evaluation_results.json \
+      --num-samples 50 \
+      --use-4bit
+
+On the CPU with the embedded model, say it explicitly or leave it to run_config.json:
+
+    python3 llama_evaluate.py --base-model smollm2-135m --adapter-path ./pilot_output/final_model \
+        --dataset ./sft_output/golden_set.jsonl --output ./evaluation_results.json --num-samples 30
+
+Writes:
+  --output            results JSON: resolved config, model and adapter identity (path, sha256 of
+                      adapter_model.safetensors), dataset path and hashes, metrics overall and
+                      per category, timing, and with --compare-base the base model's metrics and
+                      the tuned-minus-base deltas.
+  --samples-output    one JSON line per example: id, category, prompt, reference, generation,
+                      per-example metrics, response perplexity (and the base model's, with
+                      --compare-base). Default: <output stem>_samples.jsonl beside --output.
+
+Metrics are defined in llama_metrics.py (exact match, token F1, ROUGE-L, BLEU, answer-regex
+exact match, JSON field accuracy, generated length, EOS rate). Response perplexity is the
+teacher-forced loss on the reference response tokens (and EOS) only, prompt tokens excluded.
+--num-samples N takes the first N of a fixed order: round-robin over categories, each category
+in content-hash order, so a small N still covers every category and is the same on every run.
+Exit codes: 0 done, 2 bad input (a one-line `error: ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from llama_config import (ConfigError, DataArgs, ModelArgs, add_dataclass_args, config_to_dict,
+                          get_spec, log_overrides, resolve_config, setup_logging, validate)
+
+logger = logging.getLogger("llama_sft")
+
+EVAL_BATCH_SIZE = 16
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Fields that the adapter's run_config.json fills in unless given as a flag or in --config.
+INHERITED_FIELDS = ("base_model", "model_size", "prompt_format", "max_length")
+# DataArgs fields that evaluation neither exposes nor uses (kept out of the results JSON).
+UNUSED_FIELDS = ("golden_set", "val_ratio", "test_ratio")
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EvalArgs(ModelArgs, DataArgs):
+    adapter_path: str | None = _field(
+        None, "Adapter folder written by llama_train.py or llama_pilot.py (final_model/ or "
+        "checkpoint-*/). Its run_config.json supplies the base model, model size, prompt format "
+        "and max length unless given. Leave out to evaluate a base model alone.")
+    output: str = _field("./evaluation_results.json", "Results JSON to write.")
+    samples_output: str | None = _field(None, "Per-example JSONL to write; when omitted, "
+                                        "<output stem>_samples.jsonl beside --output.")
+    num_samples: int | None = _field(None, "Evaluate the first N examples of a fixed order "
+                                     "(round-robin over categories); all when omitted.")
+    batch_size: int = _field(EVAL_BATCH_SIZE, "Prompts per generation batch (and per "
+                             "perplexity batch).")
+    max_new_tokens: int = _field(128, "Most tokens generated per example.")
+    do_sample: bool = _field(False, "Sample instead of greedy decoding (metrics then vary "
+                             "with --seed).")
+    temperature: float = _field(1.0, "Sampling temperature (with --do-sample).")
+    top_p: float = _field(1.0, "Nucleus sampling threshold (with --do-sample).")
+    seed: int = _field(42, "Random seed for sampling.")
+    dtype: str = _field("auto", "Weights and compute dtype: auto (float32 on a CPU, where bf16 "
+                        "greedy output changes with the batch size; bf16/fp16 on a GPU), "
+                        "float32, bfloat16 or float16.",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    answer_regex: str | None = _field(None, "Regex whose first group is the final answer, "
+                                      r"e.g. '####\s*(-?[\d,.]+)' for GSM8K-style math; adds "
+                                      "answer_exact_match on examples whose reference matches.")
+    compare_base: bool = _field(False, "Also evaluate the base model without the adapter on the "
+                                "same examples, and report the difference per metric.")
+    config: str | None = _field(None, "JSON file of these keys (names with _). Precedence: "
+                                "adapter run_config.json < this file < flags.")
+
+
+# Flags whose shown default is not the dataclass default (they come from run_config.json).
+_CUSTOM_HELP = {
+    "model_size": "Model size (7b, 13b, 70b, 135m). Default: from the adapter's "
+                  "run_config.json, else 7b.",
+    "base_model": "Hub id, local folder, or 'smollm2-135m'. Default: from the adapter's "
+                  "run_config.json; a different one than the adapter was trained on is an error.",
+    "prompt_format": "Prompt format: chat, instruction or auto. Default: the one the adapter was "
+                     "trained with (run_config.json), else auto.",
+    "max_length": "Most tokens per example for response perplexity (prompt + response + EOS; "
+                  "the context is cut first, as in training). Default: from run_config.json, "
+                  "else the model size's.",
+    "batch_size": f"Prompts per generation (and perplexity) batch. (default: {EVAL_BATCH_SIZE})",
+}
+_MODEL_FLAGS = ("trust_remote_code", "use_4bit", "use_8bit")
+_DATA_FLAGS = ("dataset", "field_map", "skip_invalid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama_evaluate.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    inherited = {f.name for f in dataclasses.fields(ModelArgs) + dataclasses.fields(DataArgs)}
+    own = [f.name for f in dataclasses.fields(EvalArgs)
+           if f.name not in inherited and f.name not in ("adapter_path", "batch_size")]
+    g = p.add_argument_group("what to evaluate")
+    add_dataclass_args(g, EvalArgs, only=("adapter_path",))
+    add_dataclass_args(g, EvalArgs, only=_DATA_FLAGS)
+    g = p.add_argument_group("model")
+    g.add_argument("--base-model", dest="base_model", default=argparse.SUPPRESS,
+                   help=_CUSTOM_HELP["base_model"])
+    g.add_argument("--model-size", dest="model_size", default=argparse.SUPPRESS,
+                   choices=("7b", "13b", "70b", "135m"), help=_CUSTOM_HELP["model_size"])
+    g.add_argument("--prompt-format", dest="prompt_format", default=argparse.SUPPRESS,
+                   choices=("auto", "chat", "instruction"), help=_CUSTOM_HELP["prompt_format"])
+    g.add_argument("--max-length", dest="max_length", type=int, default=argparse.SUPPRESS,
+                   help=_CUSTOM_HELP["max_length"])
+    add_dataclass_args(g, EvalArgs, only=_MODEL_FLAGS)
+    g = p.add_argument_group("generation and output")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS,
+                   help=_CUSTOM_HELP["batch_size"])
+    add_dataclass_args(g, EvalArgs, only=own)
+    p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+
+
+def explicit_fields(cfg: Any) -> set[str]:
+    """Fields set by a flag or --config (resolve_config records sources); for a config built
+    in code, the fields that differ from the dataclass default."""
+    sources = getattr(cfg, "_sources", None)
+    if sources is not None:
+        return {k for k, s in sources.items() if s != "size default"}
+    defaults = EvalArgs()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def check_eval_config(cfg: EvalArgs) -> None:
+    """Evaluation-specific checks on top of llama_config.validate; raises once with all problems."""
+    from llama_metrics import compile_answer_regex
+
+    problems = []
+    if not cfg.dataset:
+        problems.append("--dataset is required (e.g. --dataset ./sft_output/golden_set.jsonl)")
+    if cfg.num_samples is not None and cfg.num_samples < 1:
+        problems.append(f"--num-samples must be >= 1, got {cfg.num_samples}")
+    if cfg.do_sample and cfg.temperature <= 0:
+        problems.append(f"--temperature must be > 0 with --do-sample, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.compare_base and not cfg.adapter_path:
+        problems.append("--compare-base needs --adapter-path (the base model is the model "
+                        "without the adapter)")
+    if cfg.answer_regex:
+        try:
+            compile_answer_regex(cfg.answer_regex)
+        except ValueError as e:
+            problems.append(str(e))
+    if Path(cfg.output).is_dir():
+        problems.append(f"--output {cfg.output} is a folder; give a .json file name")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def inherit_run_config(cfg: EvalArgs, run_cfg: dict[str, Any]) -> EvalArgs:
+    """Fill base model, size, prompt format and max length from the adapter's run config where
+    the user gave none; log each inherited value and each override."""
+    explicit = explicit_fields(cfg)
+    trained_size = run_cfg.get("model_size")
+    if "model_size" in explicit and trained_size and get_spec(trained_size).size != cfg.model_size:
+        raise ConfigError(f"the adapter in {cfg.adapter_path} was trained as --model-size "
+                          f"{trained_size}, not {cfg.model_size}; drop --model-size")
+    if "batch_size" not in explicit:
+        cfg.batch_size = EVAL_BATCH_SIZE  # resolve_config put the training batch size here
+    for name in INHERITED_FIELDS:
+        recorded = run_cfg.get(name)
+        if name in explicit:
+            if recorded is not None and recorded != getattr(cfg, name):
+                logger.info("%s = %r (flag; the adapter's run_config.json says %r)", name,
+                            getattr(cfg, name), recorded)
+        elif recorded is not None:
+            setattr(cfg, name, get_spec(recorded).size if name == "model_size" else recorded)
+            logger.info("%s = %r (from the adapter's run_config.json)", name, recorded)
+    if "max_length" not in explicit and not run_cfg.get("max_length"):
+        cfg.max_length = get_spec(cfg.model_size).max_length
+    trained_q = run_cfg.get("quantization")
+    eval_q = "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None
+    if trained_q and trained_q != eval_q:
+        logger.info("the adapter was trained on a %s base and is evaluated on a %s one; pass "
+                    "--use-%s to evaluate it as trained", trained_q, eval_q or "unquantized",
+                    trained_q)
+    if run_cfg.get("trust_remote_code") and not cfg.trust_remote_code:
+        logger.info("the adapter was trained with --trust-remote-code; it stays off here unless "
+                    "you pass it")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors",
+                 "rouge-score", "sacrebleu"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def evaluation_order(examples: Sequence[Any]) -> list[Any]:
+    """Round-robin over categories (sorted by name), each category in content-hash order: the
+    same order on every run and whatever the file order, and any prefix covers all categories."""
+    by_category: dict[str, list[Any]] = defaultdict(list)
+    for ex in examples:
+        by_category[ex.category].append(ex)
+    for group in by_category.values():
+        group.sort(key=lambda ex: (ex.content_hash, ex.line))
+    ordered = []
+    longest = max((len(g) for g in by_category.values()), default=0)
+    for i in range(longest):
+        for category in sorted(by_category):
+            if i < len(by_category[category]):
+                ordered.append(by_category[category][i])
+    return ordered
+
+
+def response_nll(model, tokenizer, features: Sequence[dict[str, Any]], *,
+                 batch_size: int) -> list[tuple[float, int]]:
+    """(summed NLL in nats, supervised token count) per tokenized example, teacher-forced on the
+    response tokens only (labels != -100). The LM head runs only on supervised positions: full
+    logits for every position would take batch x length x vocab x 4 bytes (16 x 512 x 49k x 4 =
+    1.6 GB for the embedded model)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not features:
+        return []
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(features)), key=lambda i: features[i]["length"], reverse=True)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(features[i]["length"] for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                labels = torch.full((len(idx), width), -100, dtype=torch.long)
+                for row, i in enumerate(idx):
+                    n = features[i]["length"]  # right padding: positions need no shifting
+                    ids[row, :n] = torch.tensor(features[i]["input_ids"])
+                    labels[row, :n] = torch.tensor(features[i]["labels"])
+                    mask[row, :n] = 1
+                hidden = decoder(input_ids=ids.to(device),
+                                 attention_mask=mask.to(device)).last_hidden_state
+                target = labels[:, 1:].to(device)  # position t predicts token t + 1
+                supervised = target != -100
+                logits = head(hidden[:, :-1][supervised]).float()
+                nll = F.cross_entropy(logits, target[supervised], reduction="none")
+                rows = supervised.nonzero()[:, 0]
+                sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+                sums.index_add_(0, rows, nll.double())
+                counts = supervised.sum(dim=1)
+                for row, i in enumerate(idx):
+                    out[i] = (float(sums[row]), int(counts[row]))
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+def eval_dtype(name: str):
+    """--dtype auto: float32 on a CPU, the best half precision on a GPU.
+
+    On a CPU, bf16 greedy decoding is not batch-invariant: rounding differs with the padded
+    batch shape, and near-tied logits then pick other tokens (measured here on the embedded
+    model: 5 of 6 texts equal between --batch-size 16 and 1 in bf16, 6 of 6 in fp32), and fp32
+    batched generation was not slower on a 2-core CPU (small per-token matmuls)."""
+    import torch
+
+    from llama_model import best_dtype
+
+    if name != "auto":
+        return getattr(torch, name)
+    return best_dtype("cuda") if torch.cuda.is_available() else torch.float32
+
+
+def load_for_evaluation(cfg: EvalArgs, base_model_flag: str | None):
+    """(model, tokenizer): llama_model.load_for_inference with a choice of dtype.
+
+    Same checks and messages (an explicit --base-model that differs from the adapter's is an
+    error; the adapter's own tokenizer is used when saved with it)."""
+    from llama_model import (ModelLoadError, load_model, load_tokenizer, read_run_config,
+                             resolve_base_model, same_base)
+
+    run_cfg = read_run_config(cfg.adapter_path) if cfg.adapter_path else {}
+    trained_on = run_cfg.get("base_model")
+    if base_model_flag and trained_on and not same_base(base_model_flag, trained_on):
+        raise ModelLoadError(f"the adapter in {cfg.adapter_path} was trained on {trained_on!r}, "
+                             f"not {base_model_flag!r}; drop --base-model to use {trained_on!r}")
+    name = resolve_base_model(cfg.model_size, cfg.base_model)
+    try:
+        if cfg.adapter_path and (Path(cfg.adapter_path) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(cfg.adapter_path))
+            if tok.pad_token_id is None:  # as llama_model.load_tokenizer: masked, never trained on
+                tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        else:
+            tok = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(name, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+                           trust_remote_code=cfg.trust_remote_code, dtype=eval_dtype(cfg.dtype))
+        if cfg.adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, cfg.adapter_path, is_trainable=False)
+    except ModelLoadError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        # e.g. peft's "size mismatch for ...lora_A.weight": an adapter made for another
+        # architecture under the same name.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelLoadError(f"could not load {cfg.adapter_path or name} onto {name!r}: {first}") from None
+    model.eval()
+    model.config.use_cache = True
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+
+def _evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *, label: str):
+    """Generate and score one model (tuned or base) on the selected examples."""
+    from llama_generate import generate
+
+    gen_stats: dict[str, Any] = {}
+    logger.info("%s: generating %d responses (batch %d, up to %d new tokens)", label,
+                len(prompts), cfg.batch_size, cfg.max_new_tokens)
+    generations = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                           progress=True, stats=gen_stats)
+    t0 = time.perf_counter()
+    hashes = list(features_by_hash)
+    nll = response_nll(model, tok, [features_by_hash[h] for h in hashes], batch_size=cfg.batch_size)
+    nll_by_hash = dict(zip(hashes, nll))
+    ppl_seconds = time.perf_counter() - t0
+    return generations, nll_by_hash, gen_stats, ppl_seconds
+
+
+def _score_rows(selected, generations, nll_by_hash, answer_regex):
+    from llama_metrics import score_example
+
+    rows = []
+    for ex, gen in zip(selected, generations):
+        nll, count = nll_by_hash.get(ex.content_hash, (None, 0))
+        rows.append({
+            "category": ex.category, "prediction": gen.text, "reference": ex.response,
+            "metrics": score_example(gen.text, ex.response, answer_regex=answer_regex),
+            "new_tokens": gen.new_tokens, "ended_with_eos": gen.ended_with_eos,
+            "response_nll": nll, "response_tokens": count or None,
+        })
+    return rows
+
+
+def _round(obj: Any, digits: int = 6) -> Any:
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
+    """Evaluate; write the results JSON and samples JSONL; return the results (with paths)."""
+    from llama_dataset import (dataset_hash, file_sha256, load_and_validate, render_prompt,
+                               resolve_prompt_format, tokenize_examples)
+    from llama_metrics import aggregate, deltas, extract_answer
+    from llama_model import ModelLoadError, read_run_config, resolve_base_model
+
+    t_start = time.perf_counter()
+    check_eval_config(cfg)
+    run_cfg: dict[str, Any] = {}
+    adapter_sha = None
+    if cfg.adapter_path:
+        run_cfg = read_run_config(cfg.adapter_path)
+        weights = Path(cfg.adapter_path) / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: no {ADAPTER_WEIGHTS} (this "
+                                 "toolkit does not unpickle adapter_model.bin files it did not "
+                                 "write); save the adapter with safe_serialization=True")
+        adapter_sha = sha256_file(weights)
+        if not run_cfg:
+            logger.warning("%s has no run_config.json: using --base-model/--model-size and "
+                           "--prompt-format as given", cfg.adapter_path)
+    else:
+        logger.info("no --adapter-path: evaluating the base model alone")
+    base_model_flag = cfg.base_model if "base_model" in explicit_fields(cfg) else None
+    inherit_run_config(cfg, run_cfg)
+    base_name = resolve_base_model(cfg.model_size, cfg.base_model)
+    if cfg.base_model is None:
+        cfg.base_model = base_name
+
+    examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
+                                             skip_invalid=cfg.skip_invalid, what="--dataset")
+    ordered = evaluation_order(examples)
+    selected = ordered[: cfg.num_samples] if cfg.num_samples else ordered
+    if cfg.num_samples and cfg.num_samples > len(ordered):
+        logger.info("--num-samples %d > %d examples: evaluating all", cfg.num_samples, len(ordered))
+    dataset_sha = file_sha256(cfg.dataset)
+    trained_sha = (run_cfg.get("dataset") or {}).get("file_sha256")
+    if trained_sha and trained_sha == dataset_sha:
+        logger.warning("--dataset %s is the file the adapter was trained on: these metrics are "
+                       "not a held-out evaluation", cfg.dataset)
+
+    t0 = time.perf_counter()
+    model, tok = load_for_evaluation(cfg, base_model_flag)
+    load_seconds = time.perf_counter() - t0
+    fmt = resolve_prompt_format(tok, cfg.prompt_format)
+    prompts = [render_prompt(tok, fmt, ex.instruction, ex.context) for ex in selected]
+    features = tokenize_examples(selected, tok, max_length=cfg.max_length, prompt_format=fmt)
+    features_by_hash = {f["content_hash"]: f for f in features}
+    if len(features_by_hash) < len({ex.content_hash for ex in selected}):
+        logger.warning("%d example(s) have no room for the response within --max-length %d: no "
+                       "perplexity for them", len({ex.content_hash for ex in selected})
+                       - len(features_by_hash), cfg.max_length)
+
+    generations, nll, gen_stats, ppl_seconds = _evaluate_pass(
+        model, tok, prompts, features_by_hash, selected, cfg,
+        label="tuned" if cfg.adapter_path else "base")
+    rows = _score_rows(selected, generations, nll, cfg.answer_regex)
+    metrics = aggregate(rows, by="category")
+
+    base = None
+    if cfg.compare_base:
+        with model.disable_adapter():
+            base_gens, base_nll, base_stats, base_ppl_seconds = _evaluate_pass(
+                model, tok, prompts, features_by_hash, selected, cfg, label="base")
+        base_rows = _score_rows(selected, base_gens, base_nll, cfg.answer_regex)
+        base = {"rows": base_rows, "gens": base_gens, "metrics": aggregate(base_rows, by="category"),
+                "stats": base_stats, "ppl_seconds": base_ppl_seconds}
+
+    output = Path(cfg.output)
+    samples_path = Path(cfg.samples_output) if cfg.samples_output else output.with_name(
+        f"{output.stem}_samples.jsonl")
+    sample_lines = []
+    for i, (ex, prompt, gen, row) in enumerate(zip(selected, prompts, generations, rows)):
+        record: dict[str, Any] = {
+            "index": i, "id": ex.id, "category": ex.category, "prompt": prompt,
+            "reference": ex.response, "generation": gen.text, "new_tokens": gen.new_tokens,
+            "ended_with_eos": gen.ended_with_eos, "metrics": row["metrics"],
+            "response_tokens": row["response_tokens"],
+            "response_perplexity": (math.exp(min(row["response_nll"] / row["response_tokens"], 700))
+                                    if row["response_tokens"] else None),
+        }
+        if cfg.answer_regex:
+            record["answer"] = extract_answer(gen.text, cfg.answer_regex)
+            record["reference_answer"] = extract_answer(ex.response, cfg.answer_regex)
+        if base is not None:
+            brow, bgen = base["rows"][i], base["gens"][i]
+            record.update(base_generation=bgen.text, base_new_tokens=bgen.new_tokens,
+                          base_ended_with_eos=bgen.ended_with_eos, base_metrics=brow["metrics"],
+                          base_response_perplexity=(
+                              math.exp(min(brow["response_nll"] / brow["response_tokens"], 700))
+                              if brow["response_tokens"] else None))
+            if cfg.answer_regex:
+                record["base_answer"] = extract_answer(bgen.text, cfg.answer_regex)
+        sample_lines.append(json.dumps(_round(record), ensure_ascii=False))
+
+    total_seconds = time.perf_counter() - t_start
+    gen_seconds = gen_stats.get("seconds", 0.0)
+    param = next(model.parameters())
+    adapter_cfg = {}
+    if cfg.adapter_path:
+        try:
+            raw = json.loads((Path(cfg.adapter_path) / "adapter_config.json").read_text())
+            adapter_cfg = {k: raw.get(k) for k in ("peft_type", "r", "lora_alpha", "lora_dropout",
+                                                   "target_modules")}
+            if isinstance(adapter_cfg["target_modules"], list):
+                adapter_cfg["target_modules"] = sorted(adapter_cfg["target_modules"])
+        except (OSError, ValueError):
+            pass
+    result: dict[str, Any] = {
+        "stage": "evaluate",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: v for k, v in config_to_dict(cfg).items() if k not in UNUSED_FIELDS},
+        "model": {
+            "base_model": base_name, "model_size": cfg.model_size,
+            "adapter_path": cfg.adapter_path, "adapter_sha256": adapter_sha,
+            "adapter_config": adapter_cfg or None,
+            "trained_base_model": run_cfg.get("base_model"),
+            "trained_quantization": run_cfg.get("quantization"),
+            "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,
+            "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
+        },
+        "dataset": {
+            "path": cfg.dataset, "file_sha256": dataset_sha,
+            "dataset_hash": dataset_hash(examples),
+            "evaluated_hash": dataset_hash(selected),
+            "examples_in_file": len(examples), "examples_evaluated": len(selected),
+            "skipped_invalid": load_stats.skipped_invalid,
+            "categories": dict(sorted(Counter(ex.category for ex in selected).items())),
+            "same_file_as_training": bool(trained_sha and trained_sha == dataset_sha),
+            "order": "round-robin over categories, each in content-hash order",
+        },
+        "prompt_format": fmt,
+        "metrics": metrics,
+        "timing": {
+            "total_seconds": total_seconds, "load_seconds": load_seconds,
+            "generation_seconds": gen_seconds,
+            "generated_tokens": gen_stats.get("generated_tokens", 0),
+            "tokens_per_second": gen_stats.get("tokens_per_second", 0.0),
+            "examples_per_second": len(selected) / gen_seconds if gen_seconds else None,
+            "perplexity_seconds": ppl_seconds,
+        },
+        "outputs": {"results": str(output), "samples": str(samples_path)},
+        "library_versions": library_versions(),
+    }
+    if base is not None:
+        result["base_metrics"] = base["metrics"]
+        result["deltas"] = deltas(metrics, base["metrics"])
+        result["timing"].update(base_generation_seconds=base["stats"].get("seconds", 0.0),
+                                base_perplexity_seconds=base["ppl_seconds"],
+                                total_seconds=time.perf_counter() - t_start)
+    result = _round(result)
+    for path in (output, samples_path):
+        if path.exists():
+            logger.warning("overwriting %s", path)
+    write_text_atomic(samples_path, "".join(line + "\n" for line in sample_lines))
+    write_text_atomic(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    logger.info("wrote %s and %s", output, samples_path)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = (("EM", "exact_match"), ("F1", "token_f1"), ("ROUGE-L", "rouge_l"),
+                 ("BLEU", "bleu"), ("JSON", "json_field_accuracy"), ("ANSWER", "answer_exact_match"),
+                 ("PPL", "perplexity"), ("LEN", "avg_new_tokens"), ("EOS", "eos_rate"))
+
+
+def _cell(value: Any, key: str, signed: bool = False) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    if key in ("perplexity", "avg_new_tokens"):
+        return f"{value:+.1f}" if signed else f"{value:.1f}"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A short readable table: one line per category and overall (with base and delta lines
+    under each when --compare-base ran)."""
+    m = result["model"]
+    what = f"adapter {m['adapter_path']} on {m['base_model']}" if m["adapter_path"] else m["base_model"]
+    lines = [f"Evaluation of {what}: {result['dataset']['examples_evaluated']} examples from "
+             f"{result['dataset']['path']} ({result['prompt_format']} prompt format)"]
+    head = f"{'category':<24}{'n':>5}" + "".join(f"{name:>9}" for name, _ in TABLE_COLUMNS)
+    lines.append(head)
+    lines.append("-" * len(head))
+    groups = list(result["metrics"]["by_category"].items()) + [("overall", result["metrics"]["overall"])]
+    base = result.get("base_metrics")
+    delta = result.get("deltas")
+    for name, summary in groups:
+        lines.append(f"{name:<24}{summary['n']:>5}" + "".join(
+            f"{_cell(summary.get(k), k):>9}" for _, k in TABLE_COLUMNS))
+        if base is not None:
+            b = base["overall"] if name == "overall" else base["by_category"].get(name, {})
+            d = delta["overall"] if name == "overall" else delta["by_category"].get(name, {})
+            lines.append(f"{'  base':<24}{'':>5}" + "".join(
+                f"{_cell(b.get(k), k):>9}" for _, k in TABLE_COLUMNS))
+            lines.append(f"{'  delta':<24}{'':>5}" + "".join(
+                f"{_cell(d.get(k), k, signed=True):>9}" for _, k in TABLE_COLUMNS))
+    t = result["timing"]
+    lines.append(f"EM exact match, F1 token F1, JSON field accuracy, ANSWER answer-regex match, "
+                 f"PPL response perplexity, LEN generated tokens, EOS share that stopped.")
+    lines.append(f"{t['generated_tokens']} tokens generated in {t['generation_seconds']:.1f} s "
+                 f"({t['tokens_per_second']:.1f} tok/s); total {t['total_seconds']:.1f} s")
+    lines.append(f"results: {result['outputs']['results']}   samples: {result['outputs']['samples']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llama_dataset import DatasetError
+    from llama_model import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.__dict__.pop("verbose"))
+    try:
+        cfg = resolve_config(EvalArgs, args)
+        validate(cfg)
+        log_overrides(cfg)
+        result = run_evaluate(cfg)
+    except (ConfigError, DatasetError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
