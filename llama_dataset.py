@@ -324,11 +324,9 @@ def dataset_hash(examples: Sequence[Example]) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from llama_io import sha256_file
+
+    return sha256_file(path)
 
 
 # --------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ from typing import Any, Sequence
 from llama_config import (ConfigError, DataArgs, ModelArgs, add_dataclass_args, config_to_dict,
                           get_spec, log_overrides, resolve_config, setup_logging, validate)
 
+from llama_io import sha256_file, write_text_atomic  # noqa: E402
+
 logger = logging.getLogger("llama_sft")
 
 EVAL_BATCH_SIZE = 16
@@ -232,36 +234,10 @@ def inherit_run_config(cfg: EvalArgs, run_cfg: dict[str, Any]) -> EvalArgs:
 # --------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from llama_io import CORE_LIBRARIES, library_versions as versions
 
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors",
-                 "rouge-score", "sacrebleu"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return versions(CORE_LIBRARIES + ("rouge-score", "sacrebleu"))
 
 
 def evaluation_order(examples: Sequence[Any]) -> list[Any]:

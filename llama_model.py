@@ -25,6 +25,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from llama_config import EMBEDDED_MODEL_NAMES, get_spec
+from llama_io import sha256_file
 
 logger = logging.getLogger("llama_sft")
 
@@ -75,14 +76,6 @@ def embedded_gguf_path() -> Path:
                          f"reinstall it: `{reinstall}`")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     import fcntl
@@ -128,7 +121,7 @@ def ensure_embedded_model() -> Path:
         if _embedded_is_complete(folder):
             info = json.loads((folder / COMPLETE_MARKER).read_text())
             weights = folder / "model.safetensors"
-            if _sha256(weights) == info["sha256"]["model.safetensors"]:
+            if sha256_file(weights) == info["sha256"]["model.safetensors"]:
                 _VERIFIED.add(str(folder))
                 return folder
             logger.warning("embedded model cache %s is corrupt; rebuilding it", folder)
@@ -159,7 +152,7 @@ def ensure_embedded_model() -> Path:
             tok.save_pretrained(tmp)
             files = [p for p in tmp.iterdir() if p.is_file()]
             info = {"source": f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}:{gguf.name}",
-                    "sha256": {p.name: _sha256(p) for p in files},
+                    "sha256": {p.name: sha256_file(p) for p in files},
                     "sizes": {p.name: p.stat().st_size for p in files}}
             for p in files:
                 with open(p, "rb") as fh:

@@ -67,6 +67,8 @@ from typing import Any, Iterable, Sequence
 
 from llama_config import ConfigError, add_dataclass_args, get_spec, resolve_config, setup_logging
 
+from llama_io import sha256_file  # noqa: E402
+
 logger = logging.getLogger("llama_sft")
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -155,14 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def installed_versions(names: Iterable[str]) -> dict[str, str]:

@@ -173,6 +173,12 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
     result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=held_rows,
                      sample_prompts=samples, run_config=run_config, tokenizer=tokenizer,
                      model=model, stage="pilot")
+    if result.get("exit_code"):
+        # Stopped by SIGINT/SIGTERM: the checkpoint is saved; the evaluation would only be of
+        # a half-trained adapter, so stop here and say how to continue.
+        result.pop("model")
+        return {"interrupted": True, "exit_code": result["exit_code"], "status": result["status"],
+                "global_step": result["global_step"]}
     tuned = result["model"]
     logger.info("after training: evaluating the tuned model on %d held-out examples",
                 len(held_out))
@@ -312,6 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if report.get("interrupted"):
+        print(f"{report['status']} at step {report['global_step']}; a checkpoint is saved. "
+              f"Continue with: python3 llama_pilot.py ... --output-dir {cfg.output_dir} "
+              "--resume auto", file=sys.stderr)
+        return report["exit_code"]
     print(format_summary(report))
     print(f"results: {Path(cfg.output_dir) / 'pilot_evaluation.json'}")
     return 0

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from llama_io import library_versions, sha256_file, write_json_atomic  # noqa: F401 (re-exported)
+
 logger = logging.getLogger("llama_sft")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -109,40 +111,9 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
-                 "safetensors"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_main_process() -> bool:
     """Rank 0 under torchrun / accelerate launch (and the only process otherwise)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_train_writes_the_documented_layout_and_only_lora_moves(tmp_path, tiny_l
     rc = json.loads((run / "final_model" / "run_config.json").read_text())
     assert rc["base_model"] == str(tiny_llama_dir)
     assert rc["prompt_format"] == "chat" and rc["quantization"] is None
-    assert rc["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    assert rc["lora"] == {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     assert len(rc["dataset"]["dataset_hash"]) == 16 and rc["dataset"]["splits"]["train"] > 0
 
     res = json.loads((run / "train_results.json").read_text())
