@@ -353,12 +353,14 @@ def make_callbacks(*, output_dir: Path, cfg: Any, run_config: dict[str, Any], sa
                     1, int(os.environ.get("WORLD_SIZE", "1"))) / dt, 1)
                 rec["tokens_seen"] = tokens
                 rec["supervised_tokens_seen"] = sup
+                logs["tokens_per_second"] = rec["tokens_per_second"]  # seen by W&B (runs after us)
                 self.t_last, self.tokens_last = now, tokens
                 line = (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
                         f"lr {logs.get('learning_rate', 0):.3g} | {rec['tokens_per_second']:.0f} tok/s")
             elif "eval_loss" in logs:
                 ppl = math.exp(min(logs["eval_loss"], 50))
                 rec["eval_perplexity"] = round(ppl, 4)
+                logs["eval_perplexity"] = rec["eval_perplexity"]
                 line = (f"eval step {state.global_step} | eval_loss {logs['eval_loss']:.4f} | "
                         f"perplexity {ppl:.3f}")
             else:
@@ -648,7 +650,9 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     progress.trainer = trainer
-    for cb in (progress, guard, samples_cb):
+    # First in line, so the numbers it adds to each log (tokens/s, perplexity) reach W&B too.
+    trainer.callback_handler.callbacks.insert(0, progress)
+    for cb in (guard, samples_cb):
         trainer.add_callback(cb)
     if args.load_best_model_at_end:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
