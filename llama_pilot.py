@@ -261,15 +261,20 @@ def _check(passed: bool, reason: str) -> dict[str, Any]:
 
 
 def _train_losses(metrics_file: Path) -> list[float]:
+    """Logged train losses, each the mean over its logging window. The step-1 record (one
+    batch, logged first) is left out when fuller windows follow: one batch is too noisy to
+    compare against."""
     import json
 
-    out = []
+    recs = []
     if metrics_file.is_file():
         for line in metrics_file.read_text().splitlines():
             rec = json.loads(line)
             if "loss" in rec:
-                out.append(float(rec["loss"]))
-    return out
+                recs.append(rec)
+    if len(recs) > 2 and recs[0].get("step") == 1 and recs[1].get("step", 0) > 2:
+        recs = recs[1:]
+    return [float(r["loss"]) for r in recs]
 
 
 def format_summary(r: dict[str, Any]) -> str:
