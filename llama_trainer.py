@@ -524,6 +524,10 @@ def finish_wandb() -> None:
 
         if wandb.run is not None:
             wandb.finish()
+        # wandb.setup() caches settings (WANDB_DIR, mode) for the whole process; tear it down so
+        # a later run in this process reads its own environment.
+        if hasattr(wandb, "teardown"):
+            wandb.teardown()
     except Exception as e:  # noqa: BLE001 - a tracker problem must not fail a finished run
         logger.warning("could not close the W&B run: %s", e)
 
