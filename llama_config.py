@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from llama_io import ArgumentParser, output_dir_problem, run_cli
+
 logger = logging.getLogger("llama_sft")
 
 EMBEDDED_MODEL_NAMES = ("smollm2-135m", "135m")
@@ -217,6 +219,16 @@ class TrainArgs(ModelArgs, DataArgs):
     early_stopping_patience: int | None = _f(None, "Stop after N evaluations without a better "
                                              "eval loss (default: off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    attn_implementation: str = _f("auto", "Attention kernel for training: 'auto' (on a CPU "
+                                  "'sdpa_recompute': SDPA's memory with eager attention's speed, "
+                                  "see llama_attention.py; 'sdpa' on a GPU), 'sdpa', "
+                                  "'sdpa_recompute', 'eager' (fastest on a CPU but keeps "
+                                  "T^2 attention weights per layer), or another name transformers "
+                                  "accepts (e.g. flash_attention_2 if installed).")
+    auto_batch_backoff: bool = _f(False, "On out of memory in a training step, retry that "
+                                  "micro-batch as halves (extra accumulation: same effective "
+                                  "batch and update, to rounding) down to one row, and keep the "
+                                  "smaller size for the rest of the run. Single process only.")
     resume: str | None = _f(None, "'auto' (newest complete checkpoint in --output-dir) or a "
                             "checkpoint folder.")
     force: bool = _f(False, "Resume even when the config or dataset changed since the checkpoint.")
@@ -299,8 +311,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *,
 def read_config_file(path: str | os.PathLike, cls: type) -> dict[str, Any]:
     """Read a --config JSON file; unknown keys and wrong types are errors naming them."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {path} is a folder; pass a JSON file (e.g. "
+                          "--config ./sft_output/training_config.json)")
     if not p.is_file():
-        raise ConfigError(f"--config {path}: file not found")
+        raise ConfigError(f"--config {path}: file not found (e.g. --config "
+                          "./sft_output/training_config.json)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -425,12 +441,24 @@ def validate(cfg: Any) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1), got {v}")
     for name in ("dataset", "golden_set"):
         path = get(name)
-        if path and not Path(path).is_file():
+        if path and Path(path).is_dir():
+            problems.append(f"{_flag(name)} {path} is a folder; pass a .jsonl file")
+        elif path and not Path(path).is_file():
             problems.append(f"{_flag(name)} {path}: file not found")
+    out = get("output_dir")
+    if out and (problem := output_dir_problem("--output-dir", out)):
+        problems.append(problem)
     res = get("resume")
     if res and res != "auto" and not Path(res).is_dir():
         problems.append(f"--resume {res}: no such checkpoint folder (use 'auto' or a "
                         f"checkpoint-* folder)")
+    raise_problems(problems)
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """One ConfigError for every problem found: one line for one, a list for several."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -595,9 +623,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="llama_config.py", description=__doc__, allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="llama_config.py", description=__doc__)
     add_dataclass_args(p, TrainArgs)
     p.add_argument("--estimate", action="store_true",
                    help="Print a memory estimate for full fine-tune, LoRA and QLoRA.")
@@ -606,15 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 printed, 2 bad flags or config (one `error: ...` line, see run_cli)."""
+    # ConfigError is passed on: run as a script, this module's class is __main__.ConfigError,
+    # not the llama_config.ConfigError that run_cli knows.
+    return run_cli(lambda: _main(argv), bad_input=(ConfigError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     estimate = args.__dict__.pop("estimate")
     as_json = args.__dict__.pop("json")
-    try:
-        cfg = resolve_config(TrainArgs, args)
-        spec = get_spec(cfg.model_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(TrainArgs, args)
+    validate(cfg)
+    spec = get_spec(cfg.model_size)
     if as_json:
         print(json.dumps(config_to_dict(cfg), indent=2))
     else:

@@ -6,12 +6,21 @@ give DDP, FSDP and DeepSpeed without code here. What this module adds:
 - a collator that pads each batch to its longest row (never to --max-length), and length-grouped
   batches, so little compute goes to padding;
 - a loss that runs the LM head only at supervised positions (response tokens + EOS), in fp32;
-- checkpoints with a sha256 manifest written last (a folder without a valid manifest is never
-  resumed from), retention that deletes old checkpoints only after the new one is complete, and
-  a resume_state.json with hashes of the config and data so a changed run is not resumed;
-- one greppable log line per logging step, metrics.jsonl, sample generations at each
-  evaluation, a loss-curve PNG, and train_results.json;
-- a stop on a non-finite loss naming the step; SIGTERM/SIGINT save a checkpoint and exit.
+- atomic checkpoints: each is written into `.checkpoint-N.tmp/`, fsynced, given a sha256
+  manifest last, then renamed to `checkpoint-N/`, so a folder with a checkpoint's name is always
+  complete (a kill -9 mid-save leaves only the temporary folder, removed at the next start); a
+  folder without a valid manifest is never resumed from; retention deletes old checkpoints only
+  after the new one is complete; resume_state.json holds hashes of the config and data so a
+  changed run is not resumed;
+- one greppable log line per logging step, metrics.jsonl, the ids of the examples each optimizer
+  step consumed (consumed_ids.jsonl), sample generations at each evaluation, a loss-curve PNG,
+  and train_results.json; on resume these logs are cut back to the checkpoint's step;
+- a stop on a non-finite loss naming the step, and no checkpoint of non-finite weights;
+  SIGTERM/SIGINT save a checkpoint and exit; out of memory: a message saying what to change, or
+  with --auto-batch-backoff, micro-batches split in halves as extra accumulation.
+
+Test-only fault injection (environment variables read by `FaultInjection`; never set them in a
+real run) lets tests/test_faults.py kill a run mid-save, break its loss, or run it out of memory.
 """
 
 from __future__ import annotations
@@ -30,13 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from llama_io import library_versions, sha256_file, write_json_atomic  # noqa: F401 (re-exported)
+from llama_io import (library_versions, sha256_file, write_json_atomic,  # noqa: F401 (re-exported)
+                      write_text_atomic)
 
 logger = logging.getLogger("llama_sft")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.tmp$")  # a checkpoint being written
 MANIFEST = "checkpoint_manifest.json"
 RESUME_STATE = "resume_state.json"
+CONSUMED_IDS = "consumed_ids.jsonl"
+# Logs with one JSON record per line and a "step": cut back to the checkpoint's step on resume.
+STEP_LOGS = ("metrics.jsonl", "samples.jsonl", CONSUMED_IDS)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 TOOLKIT_VERSION = "0.1.0"
 
@@ -53,8 +67,92 @@ class TrainingError(RuntimeError):
     """A training run cannot go on; the message says why and what to change."""
 
 
+class RunSetupError(TrainingError):
+    """The command cannot start this run as given (the output folder holds another run, the
+    resume checkpoint is broken or from another config, flags that do not fit together):
+    bad input, exit status 2, nothing written."""
+
+
 class NonFiniteLossError(TrainingError):
     pass
+
+
+class NonFiniteWeightsError(TrainingError):
+    """A trainable tensor is NaN or inf at a checkpoint: the checkpoint is not written."""
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test-only fault injection for tests/test_faults.py, read from the environment. Never set
+    these in a real run: each one slows training down or breaks it on purpose.
+
+    LLAMA_SFT_TEST_SAVE_DELAY=SECONDS[@STEP]  sleep half-way through writing a checkpoint (every
+                                              one, or the one of step STEP), so that a test can
+                                              kill -9 the process in the middle of a save
+    LLAMA_SFT_TEST_STEP_DELAY=SECONDS         sleep after each optimizer step, so that a test can
+                                              signal or kill the process at a chosen step
+    LLAMA_SFT_TEST_NONFINITE=nan@K | inf@K    make the training loss of step K NaN or inf
+    LLAMA_SFT_TEST_OOM=ROWS@K                 from step K on, a micro-batch of more than ROWS rows
+                                              raises torch.OutOfMemoryError half-way through its
+                                              backward pass (after some gradients have been
+                                              accumulated, the hardest case for a retry)
+    """
+
+    save_delay: float = 0.0
+    save_delay_step: int | None = None
+    step_delay: float = 0.0
+    nonfinite: tuple[str, int] | None = None
+    oom: tuple[int, int] | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "FaultInjection":
+        env = dict(os.environ if env is None else env)
+
+        def parse(name: str, value_type: type, step_required: bool):
+            raw = env.get(name, "").strip()
+            if not raw:
+                return None
+            value, _, step = raw.partition("@")
+            try:
+                parsed = value_type(value)
+                at = int(step) if step else None
+            except ValueError:
+                raise ValueError(f"{name}={raw!r}: expected VALUE@STEP") from None
+            if step_required and at is None:
+                raise ValueError(f"{name}={raw!r}: expected VALUE@STEP")
+            return parsed, at
+
+        save = parse("LLAMA_SFT_TEST_SAVE_DELAY", float, False)
+        step = parse("LLAMA_SFT_TEST_STEP_DELAY", float, False)
+        nonfinite = parse("LLAMA_SFT_TEST_NONFINITE", str, True)
+        if nonfinite is not None and nonfinite[0] not in ("nan", "inf"):
+            raise ValueError("LLAMA_SFT_TEST_NONFINITE must be nan@STEP or inf@STEP")
+        oom = parse("LLAMA_SFT_TEST_OOM", int, True)
+        return cls(save_delay=save[0] if save else 0.0, save_delay_step=save[1] if save else None,
+                   step_delay=step[0] if step else 0.0, nonfinite=nonfinite, oom=oom)
+
+    def loss_hook(self) -> Callable[[Any, int], Any] | None:
+        """An SFTTrainer.loss_hook that makes step K's loss non-finite, or None."""
+        if self.nonfinite is None:
+            return None
+        kind, bad_step = self.nonfinite
+        factor = float(kind)
+
+        def hook(loss, step: int):
+            return loss * factor if step == bad_step else loss
+
+        return hook
+
+    def save_delay_at(self, step: int) -> float:
+        if self.save_delay_step is None or self.save_delay_step == step:
+            return self.save_delay
+        return 0.0
+
+    def oom_rows_limit(self, step: int) -> int | None:
+        """Micro-batches of more rows than this run out of memory at `step` (None: no limit)."""
+        if self.oom is None or step < self.oom[1]:
+            return None
+        return self.oom[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -78,10 +176,15 @@ class TokenizedDataset:
 @dataclass
 class PadCollator:
     """Right-pads a batch to its longest row. Padding is masked by attention_mask = 0 and
-    labels = -100, never by token id, so EOS is learned even when pad == eos."""
+    labels = -100, never by token id, so EOS is learned even when pad == eos.
+
+    `example_ids`: also pass each row's id (its `id` field, else the first 16 hex digits of its
+    content hash) as a list under "example_ids", for the consumed-examples log; SFTTrainer
+    takes it out before the model sees the batch."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    example_ids: bool = False
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -98,7 +201,17 @@ class PadCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.example_ids:
+            batch["example_ids"] = [example_id(r) for r in rows]
+        return batch
+
+
+def example_id(row: dict[str, Any]) -> str:
+    """A tokenized row's id for logs: its `id` field, else a prefix of its content hash."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    return str(row.get("content_hash", ""))[:16]
 
 
 # --------------------------------------------------------------------------------------
@@ -130,11 +243,71 @@ def write_manifest(folder: Path) -> None:
             os.fsync(fh.fileno())
         sums[str(p.relative_to(folder))] = sha256_file(p)
     write_json_atomic(folder / MANIFEST, {"files": sums})
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new files, a rename) durable."""
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def staging_dir(final: Path) -> Path:
+    """Where checkpoint-N is written before it is complete: .checkpoint-N.tmp beside it (no
+    checkpoint name, so neither we nor transformers' get_last_checkpoint ever read it)."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+def finalize_checkpoint(staging: Path, final: Path) -> None:
+    """Fsync every file, write the manifest last, then rename the folder into place: a folder
+    named checkpoint-N is always complete (rename is atomic on POSIX file systems)."""
+    write_manifest(staging)
+    if final.exists():
+        # The same step written again (a resume from an earlier checkpoint): the new one wins.
+        # Until the rename below the previous complete checkpoints are untouched.
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+
+
+def remove_stale_staging(output_dir: Path) -> list[Path]:
+    """Delete temporary checkpoint folders left by a run that died in the middle of a save."""
+    removed = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            if STAGING_RE.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+                logger.warning("removed %s: an unfinished checkpoint save of an earlier run", p)
+    return removed
+
+
+def truncate_step_logs(output_dir: Path, step: int, names: Sequence[str] = STEP_LOGS) -> None:
+    """On a resume from checkpoint-`step`: drop the records of later steps (the stopped run
+    trained them after its last checkpoint; they are about to be trained again) and a torn last
+    line, so each step appears once in metrics.jsonl, samples.jsonl and consumed_ids.jsonl."""
+    for name in names:
+        path = output_dir / name
+        if not path.is_file():
+            continue
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            logger.info("%s: dropped %d record(s) after step %d (redone from the checkpoint)",
+                        name, dropped, step)
 
 
 def verify_checkpoint(folder: Path) -> str | None:
@@ -246,11 +419,46 @@ def plot_loss_curve(metrics_file: Path, out_png: Path, title: str = "Loss") -> b
 # --------------------------------------------------------------------------------------
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA and others), or the CPU allocator's failure, which torch
+    raises as a plain RuntimeError."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def split_micro_batch(inputs: dict[str, Any], rows: int,
+                      pad_to_multiple_of: int | None = None) -> list[dict[str, Any]]:
+    """A collated batch cut into parts of at most `rows` rows, each cut to its own longest row
+    (right padding: the columns dropped are padding only)."""
+    n = int(inputs["input_ids"].shape[0])
+    if rows >= n:
+        return [inputs]
+    parts = []
+    for start in range(0, n, rows):
+        part = {k: v[start:start + rows] for k, v in inputs.items()}
+        mask = part.get("attention_mask")
+        if mask is not None:
+            width = int(mask.sum(dim=1).max())
+            if pad_to_multiple_of:
+                m = pad_to_multiple_of
+                width = min((width + m - 1) // m * m, int(mask.shape[1]))
+            part = {k: v[:, :width] if getattr(v, "dim", lambda: 0)() == 2 else v
+                    for k, v in part.items()}
+        parts.append(part)
+    return parts
+
+
 def make_trainer_class():
     """Our Trainer subclass, built lazily so importing this module stays cheap."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from transformers import Trainer
+
+    from llama_loss import GroupedLengthSampler, fusable_head, supervised_cross_entropy
 
     class SFTTrainer(Trainer):
         """Loss at supervised positions only; counts processed and supervised tokens."""
@@ -270,6 +478,46 @@ def make_trainer_class():
             norm = getattr(inner, "norm", None)
             head = getattr(base, "lm_head", None)
             return norm, head
+
+        def _keep_index(self, device):
+            if getattr(self, "_keep", None) is None or self._keep.device != device:
+                self._keep = torch.tensor([0], device=device)
+            return self._keep
+
+        def _no_lora_input_cast(self, model):
+            """peft casts every LoRA input to the adapter's dtype (fp32) and autocast casts it
+            back to bf16 for the matmul: under autocast the cast changes nothing but costs a
+            copy per layer that autograd keeps. Off only while autocast is on."""
+            if not torch.is_autocast_enabled(self.args.device.type):
+                return contextlib.nullcontext()
+            if getattr(self, "_tuner_layers", None) is None:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)
+                                      and hasattr(m, "cast_input_dtype_enabled")]
+            layers = self._tuner_layers
+
+            @contextlib.contextmanager
+            def off():
+                saved = [m.cast_input_dtype_enabled for m in layers]
+                for m in layers:
+                    m.cast_input_dtype_enabled = False
+                try:
+                    yield
+                finally:
+                    for m, v in zip(layers, saved):
+                        m.cast_input_dtype_enabled = v
+
+            return off()
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if (self.args.train_sampling_strategy != "group_by_length"
+                    or not isinstance(ds, TokenizedDataset)):
+                return super()._get_train_sampler(train_dataset)
+            return GroupedLengthSampler(
+                [len(r["input_ids"]) for r in ds.rows],
+                self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
@@ -293,22 +541,28 @@ def make_trainer_class():
 
                 handle = norm.register_forward_hook(grab)
                 try:
-                    # logits_to_keep=1: the model's own head runs on one position only; ours
-                    # runs on the supervised positions below.
-                    model(input_ids=inputs["input_ids"], attention_mask=mask, use_cache=False,
-                          logits_to_keep=1)
+                    with self._no_lora_input_cast(model):
+                        # The model's own head runs on one position only (a tensor index, so
+                        # the slice is a contiguous copy: a 1-long view of [B, T, H] makes the
+                        # head copy its whole weight per row); ours runs on the supervised
+                        # positions below.
+                        model(input_ids=inputs["input_ids"], attention_mask=mask, use_cache=False,
+                              logits_to_keep=self._keep_index(labels.device))
                 finally:
                     handle.remove()
                 hidden = captured["h"][:, :-1][supervised]
-                logits = head(hidden).float()
-                loss_sum = F.cross_entropy(logits, shift_labels[supervised], reduction="sum")
                 denom = num_items_in_batch if num_items_in_batch is not None else max(n_sup, 1)
-                if torch.is_tensor(denom):
-                    denom = denom.to(loss_sum.device)
-                loss = loss_sum / denom
+                scale = 1.0 / float(denom)
                 if (self.args.average_tokens_across_devices and num_items_in_batch is not None
                         and self.accelerator.num_processes > 1):
-                    loss = loss * self.accelerator.num_processes
+                    scale *= self.accelerator.num_processes
+                if fusable_head(head):
+                    loss = supervised_cross_entropy(hidden, head.weight, shift_labels[supervised],
+                                                    scale=scale)
+                else:
+                    logits = head(hidden).float()
+                    loss = F.cross_entropy(logits, shift_labels[supervised],
+                                           reduction="sum") * scale
             if self.loss_hook is not None and model.training:
                 loss = self.loss_hook(loss, self.state.global_step + 1)
             if model.training and not torch.isfinite(loss.detach()).all():
@@ -318,17 +572,197 @@ def make_trainer_class():
                     "non-finite tensor. Lower --learning-rate, check the data, or avoid fp16.")
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        # -- Fault tolerance: consumed ids, out-of-memory back-off, atomic checkpoints ----------
+        # run_sft sets these; the class defaults leave a bare SFTTrainer (tests, benchmarks) as is.
+        auto_batch_backoff: bool = False
+        micro_batch_limit: int | None = None  # rows per micro-batch after an out-of-memory back-off
+        checkpoint_extras: Callable[[Any], dict[str, Any]] | None = None  # state -> {file: JSON}
+        faults: FaultInjection = FaultInjection()
+
+        def pop_consumed_ids(self) -> list[str]:
+            """The ids of the examples consumed since the last call (one optimizer step)."""
+            ids, self._consumed = getattr(self, "_consumed", []), []
+            return ids
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """One micro-batch; records its example ids. With auto_batch_backoff, an out-of-memory
+            error rolls the micro-batch back and splits it into halves run as extra accumulation,
+            down to one row; the smaller size is kept for the rest of the run. The update is the
+            same: the loss is normalised by num_items_in_batch (the supervised tokens of the whole
+            optimizer step), so the halves' gradients sum to the whole micro-batch's."""
+            ids = inputs.pop("example_ids", None)
+            if ids is not None:
+                self._consumed = getattr(self, "_consumed", []) + list(ids)
+            if not self.auto_batch_backoff:
+                return self._micro_step(model, inputs, num_items_in_batch)
+            rows = int(inputs["input_ids"].shape[0])
+            if num_items_in_batch is None:
+                # Pin the normaliser to the whole micro-batch's (mean over its supervised tokens,
+                # divided by the accumulation steps) so that the parts add up to it.
+                n_sup = int((inputs["labels"][..., 1:] != -100).sum())
+                num_items_in_batch = max(n_sup, 1) * self.current_gradient_accumulation_steps
+            while True:
+                size = min(self.micro_batch_limit or rows, rows)
+                saved = self._detach_grads(model)
+                counters = (self.tokens_seen, self.supervised_tokens_seen)
+                try:
+                    total = None
+                    for part in split_micro_batch(
+                            inputs, size, getattr(self.data_collator, "pad_to_multiple_of", None)):
+                        loss = self._micro_step(model, part, num_items_in_batch)
+                        total = loss if total is None else total + loss
+                    out_of_memory = False
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    out_of_memory = True
+                # Outside the except block, so the failed attempt's tensors are freed first.
+                self._reattach_grads(saved, keep_new=not out_of_memory)
+                if not out_of_memory:
+                    return total
+                self.tokens_seen, self.supervised_tokens_seen = counters
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if size <= 1:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory at step {self.state.global_step + 1} even with "
+                        "micro-batches of one row")
+                self.micro_batch_limit = (size + 1) // 2
+                logger.warning(
+                    "out of memory at step %d on a micro-batch of %d rows: retrying it as "
+                    "micro-batches of %d rows (extra gradient accumulation, same effective batch)"
+                    " and keeping that size for the rest of the run", self.state.global_step + 1,
+                    size, self.micro_batch_limit)
+
+        def _micro_step(self, model, inputs, num_items_in_batch):
+            handle = None
+            limit = self.faults.oom_rows_limit(self.state.global_step + 1)
+            if limit is not None and inputs["input_ids"].shape[0] > limit:
+                handle = self._arm_simulated_oom(model)
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        @staticmethod
+        def _arm_simulated_oom(model):
+            """Test hook (LLAMA_SFT_TEST_OOM): fail when the backward pass reaches the first
+            trainable tensor, the last gradient it computes, so the later layers' gradients have
+            already been accumulated: what a real out-of-memory error in backward leaves."""
+            first = next(p for p in model.parameters() if p.requires_grad)
+
+            def fail(_grad):
+                raise torch.OutOfMemoryError("simulated out of memory (LLAMA_SFT_TEST_OOM)")
+
+            return first.register_hook(fail)
+
+        @staticmethod
+        def _detach_grads(model) -> list[tuple[Any, Any]]:
+            """Set the accumulated gradients aside, so a failed micro-batch can be dropped."""
+            saved = []
+            for p in model.parameters():
+                if p.requires_grad:
+                    saved.append((p, p.grad))
+                    p.grad = None
+            return saved
+
+        @staticmethod
+        def _reattach_grads(saved: list[tuple[Any, Any]], *, keep_new: bool) -> None:
+            """Add the micro-batch's gradients to the ones set aside (the same sum autograd's
+            accumulation makes), or drop them (keep_new=False)."""
+            for p, before in saved:
+                if not keep_new or p.grad is None:
+                    p.grad = before
+                elif before is not None:
+                    before.add_(p.grad)
+                    p.grad = before
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = {k: v for k, v in inputs.items() if k != "example_ids"}
+            return super().prediction_step(model, inputs, prediction_loss_only,
+                                           ignore_keys=ignore_keys)
+
+        def _check_finite_weights(self, model, step: int) -> None:
+            bad = [n for n, p in model.named_parameters()
+                   if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+            count = len(bad)
+            if self.accelerator.num_processes > 1:  # sharded weights: every process must agree
+                count = int(self.accelerator.reduce(
+                    torch.tensor(count, device=self.args.device), reduction="sum"))
+            if count:
+                first = f" (first: {bad[0]})" if bad else ""
+                raise NonFiniteWeightsError(
+                    f"trainable weights became NaN or inf by step {step}{first}; the checkpoint "
+                    f"of step {step} was not written and the earlier ones are untouched. Lower "
+                    "--learning-rate, check the data, or avoid fp16.")
+
+        def _save_checkpoint(self, model, trial):
+            """transformers' checkpoint (same files, same trainer state), written atomically:
+            into .checkpoint-N.tmp/, then run_config.json and resume_state.json, every file
+            fsynced, the sha256 manifest last, then renamed to checkpoint-N/. A kill at any
+            moment leaves either the complete checkpoint or no folder of that name."""
+            from transformers.trainer import TRAINER_STATE_NAME
+            from transformers.trainer_callback import ExportableState
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+
+            step = self.state.global_step
+            self._check_finite_weights(model, step)
+            run_dir = Path(self._get_output_dir(trial=trial))
+            final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            staging = staging_dir(final)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            if self.hp_search_backend is None and trial is None:
+                self.store_flos()
+            self.save_model(str(staging), _internal_call=True)
+            delay = self.faults.save_delay_at(step)
+            if delay and self.args.should_save:
+                logger.warning("test hook LLAMA_SFT_TEST_SAVE_DELAY: pausing %g s in the middle "
+                               "of writing %s", delay, staging)
+                time.sleep(delay)
+            if (self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH,
+                                            SaveStrategy.BEST) and self.state.best_global_step):
+                # Recorded under its final name (the trainer state is written before the rename).
+                best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+                if self.state.best_global_step == step or best.is_dir():
+                    self.state.best_model_checkpoint = str(best)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(staging))
+                self._save_scaler(str(staging))
+                self._save_rng_state(str(staging))
+            if self.args.should_save:
+                for cb in [c for c in self.callback_handler.callbacks + [self.control]
+                           if isinstance(c, ExportableState)]:
+                    name, cb_state = cb.__class__.__name__, cb.state()
+                    if isinstance(self.state.stateful_callbacks[name], list):
+                        self.state.stateful_callbacks[name].append(cb_state)
+                    else:
+                        self.state.stateful_callbacks[name] = cb_state
+                self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
+                extras = self.checkpoint_extras(self.state) if self.checkpoint_extras else {}
+                for name, obj in extras.items():
+                    write_json_atomic(staging / name, obj)
+            self.accelerator.wait_for_everyone()  # every process's files are in the folder
+            if self.args.should_save:
+                finalize_checkpoint(staging, final)
+            self.accelerator.wait_for_everyone()
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(str(final))
+
     SFTTrainer.model_accepts_loss_kwargs = True
     return SFTTrainer
 
 
-def make_callbacks(*, output_dir: Path, cfg: Any, run_config: dict[str, Any], sample_fn=None,
-                   keep: int, stop_flag: dict[str, Any]):
+def make_callbacks(*, output_dir: Path, cfg: Any, sample_fn=None, keep: int,
+                   stop_flag: dict[str, Any], faults: FaultInjection = FaultInjection()):
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
     metrics_path = output_dir / "metrics.jsonl"
     samples_path = output_dir / "samples.jsonl"
+    consumed_path = output_dir / CONSUMED_IDS
 
     class LineProgress(ProgressCallback):
         """tqdm bar with ETA, plus one greppable line per logging step instead of a dict dump."""
@@ -375,21 +809,15 @@ def make_callbacks(*, output_dir: Path, cfg: Any, run_config: dict[str, Any], sa
                     print(msg, flush=True)
 
     class CheckpointGuard(TrainerCallback):
-        """Manifest + resume state in each checkpoint, retention after completion, signals."""
+        """Retention once a checkpoint is complete (SFTTrainer._save_checkpoint writes it
+        atomically, manifest and resume state included), and the stop after a signal."""
 
         def on_save(self, args, state, control, **kw):
             if not state.is_world_process_zero:
                 return
             ckpt = output_dir / f"checkpoint-{state.global_step}"
-            if not ckpt.is_dir():
+            if not (ckpt / MANIFEST).is_file():  # renamed into place only once complete
                 return
-            write_json_atomic(ckpt / "run_config.json", run_config)
-            write_json_atomic(ckpt / RESUME_STATE, {
-                "config_hash": run_config["config_hash"],
-                "dataset_hash": run_config["dataset"].get("dataset_hash"),
-                "global_step": state.global_step,
-            })
-            write_manifest(ckpt)
             rotate_checkpoints(output_dir, keep, protect=[state.best_model_checkpoint])
             logger.info("checkpoint saved: %s", ckpt)
 
@@ -398,6 +826,23 @@ def make_callbacks(*, output_dir: Path, cfg: Any, run_config: dict[str, Any], sa
                 control.should_save = True
                 control.should_training_stop = True
                 stop_flag["stopped_at"] = state.global_step
+            if faults.step_delay:
+                time.sleep(faults.step_delay)  # test hook LLAMA_SFT_TEST_STEP_DELAY
+
+    class ConsumedIds(TrainerCallback):
+        """consumed_ids.jsonl: one record per optimizer step, {"step", "ids"}, with the ids of
+        the examples its micro-batches held, in order (this process's share under multi-process
+        training: rank 0 writes its own). Cut back to the checkpoint's step on resume."""
+
+        def __init__(self):
+            self.trainer = None
+
+        def on_step_end(self, args, state, control, **kw):
+            ids = self.trainer.pop_consumed_ids() if self.trainer is not None else []
+            if not state.is_world_process_zero:
+                return
+            with open(consumed_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": state.global_step, "ids": ids}) + "\n")
 
     class SampleGenerations(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kw):
@@ -423,7 +868,7 @@ def make_callbacks(*, output_dir: Path, cfg: Any, run_config: dict[str, Any], sa
                 except Exception as e:  # noqa: BLE001 - a tracker problem must not stop training
                     logger.warning("could not log samples to W&B: %s", e)
 
-    return LineProgress(), CheckpointGuard(), SampleGenerations()
+    return LineProgress(), CheckpointGuard(), SampleGenerations(), ConsumedIds()
 
 
 @dataclass
@@ -466,8 +911,9 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
     if resume:
         return
     if output_dir.exists() and (list_checkpoints(output_dir) or (output_dir / "final_model").exists()
-                                or (output_dir / "metrics.jsonl").exists()):
-        raise TrainingError(f"--output-dir {output_dir} already holds a training run. Continue it "
+                                or (output_dir / "metrics.jsonl").exists()
+                                or (output_dir / CONSUMED_IDS).exists()):
+        raise RunSetupError(f"--output-dir {output_dir} already holds a training run. Continue it "
                             "with --resume auto, or choose another --output-dir (nothing was "
                             "overwritten)")
 
@@ -486,7 +932,7 @@ def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dic
         ckpt = Path(resume)
         problem = verify_checkpoint(ckpt)
         if problem:
-            raise TrainingError(f"--resume {resume}: {problem}; use --resume auto to take the "
+            raise RunSetupError(f"--resume {resume}: {problem}; use --resume auto to take the "
                                 "newest complete checkpoint")
     state_file = ckpt / RESUME_STATE
     if state_file.is_file():
@@ -499,7 +945,7 @@ def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dic
         if changed:
             msg = (f"{ckpt} was written with a different {' and '.join(changed)} than this run")
             if not force:
-                raise TrainingError(msg + ". Resuming would mix two runs; restore the original "
+                raise RunSetupError(msg + ". Resuming would mix two runs; restore the original "
                                     "settings, start a new --output-dir, or pass --force")
             logger.warning("%s; resuming anyway (--force)", msg)
     logger.info("resuming from %s", ckpt)
@@ -538,7 +984,7 @@ def build_training_args(cfg: Any, output_dir: Path, *, has_eval: bool, bf16: boo
     save_steps = cfg.save_steps or cfg.eval_steps
     early = has_eval and cfg.early_stopping_patience is not None
     if early and save_steps % cfg.eval_steps:
-        raise TrainingError(f"--save-steps {save_steps} must be a multiple of --eval-steps "
+        raise RunSetupError(f"--save-steps {save_steps} must be a multiple of --eval-steps "
                             f"{cfg.eval_steps} for early stopping to keep the best checkpoint")
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -599,6 +1045,18 @@ def precision_flags(device: str) -> tuple[bool, bool]:
     return cpu_has_bf16(), False
 
 
+def resolve_attn_implementation(name: str | None, device: str) -> str:
+    """--attn-implementation auto: on a CPU, llama_attention's "sdpa_recompute" (SDPA's memory,
+    eager's speed: bench/RESULTS.md); sdpa elsewhere. Registers it with transformers when used."""
+    if not name or name == "auto":
+        name = "sdpa_recompute" if device == "cpu" else "sdpa"
+    if name == "sdpa_recompute":
+        import llama_attention
+
+        llama_attention.register()
+    return name
+
+
 def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: list[dict],
             sample_prompts: list[dict], run_config: dict[str, Any], tokenizer,
             model=None, stage: str = "train", on_trainer: Callable | None = None) -> dict[str, Any]:
@@ -615,16 +1073,25 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     output_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16, fp16 = precision_flags(device)
+    faults = FaultInjection.from_env()
     resume_from = find_resume_checkpoint(output_dir, cfg.resume, run_config, cfg.force)
-    if resume_from is None and cfg.resume:
-        # Nothing to resume: a fresh run must not append to an old run's logs.
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (output_dir / name).unlink(missing_ok=True)
+    start_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from else 0
+    if is_main_process():
+        remove_stale_staging(output_dir)
+        if resume_from is not None:
+            truncate_step_logs(output_dir, start_step)
+        elif cfg.resume:
+            # Nothing to resume: a fresh run must not append to an old run's logs.
+            for name in STEP_LOGS:
+                (output_dir / name).unlink(missing_ok=True)
     if cfg.use_wandb:
         setup_wandb(cfg)
     if model is None:
         model = load_model(run_config["base_model"], use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
                            trust_remote_code=cfg.trust_remote_code, for_training=True)
+    attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), device)
+    if attn and getattr(model.config, "_attn_implementation", None) != attn:
+        model.set_attn_implementation(attn)
     # LoRA A is initialised from the global RNG: seed first, or two runs with the same --seed
     # start from different adapters.
     from transformers import set_seed
@@ -649,9 +1116,14 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
 
     stop_flag: dict[str, Any] = {}
     args = build_training_args(cfg, output_dir, has_eval=bool(eval_rows), bf16=bf16, fp16=fp16)
-    progress, guard, samples_cb = make_callbacks(
-        output_dir=output_dir, cfg=cfg, run_config=run_config, sample_fn=sample_fn,
-        keep=cfg.save_total_limit, stop_flag=stop_flag)
+    backoff = bool(getattr(cfg, "auto_batch_backoff", False))
+    if backoff and args.world_size > 1:
+        raise RunSetupError("--auto-batch-backoff works in a single process only (each process "
+                            "would split its micro-batches differently); leave it out and set "
+                            "--batch-size / --gradient-accumulation-steps")
+    progress, guard, samples_cb, consumed = make_callbacks(
+        output_dir=output_dir, cfg=cfg, sample_fn=sample_fn, keep=cfg.save_total_limit,
+        stop_flag=stop_flag, faults=faults)
     trainer_cls = make_trainer_class()
     from transformers.trainer_callback import ProgressCallback, PrinterCallback
 
@@ -659,22 +1131,31 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
         model=model, args=args, train_dataset=TokenizedDataset(train_rows),
         eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
         data_collator=PadCollator(tokenizer.pad_token_id,
-                                  pad_to_multiple_of=8 if device == "cuda" else None),
+                                  pad_to_multiple_of=8 if device == "cuda" else None,
+                                  example_ids=True),
         processing_class=tokenizer,
     )
+    trainer.auto_batch_backoff = backoff
+    trainer.faults = faults
+    trainer.loss_hook = faults.loss_hook()
+    trainer.checkpoint_extras = lambda state: {
+        "run_config.json": run_config,
+        RESUME_STATE: {"config_hash": run_config["config_hash"],
+                       "dataset_hash": run_config["dataset"].get("dataset_hash"),
+                       "global_step": state.global_step},
+    }
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    progress.trainer = trainer
+    progress.trainer = consumed.trainer = trainer
     # First in line, so the numbers it adds to each log (tokens/s, perplexity) reach W&B too.
     trainer.callback_handler.callbacks.insert(0, progress)
-    for cb in (guard, samples_cb):
+    for cb in (guard, samples_cb, consumed):
         trainer.add_callback(cb)
     if args.load_best_model_at_end:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     if on_trainer is not None:
         on_trainer(trainer)
 
-    start_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from else 0
     t0 = time.perf_counter()
     status = "completed"
     with SignalCatcher(stop_flag):
@@ -683,12 +1164,18 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
         except BaseException as e:
             if cfg.use_wandb:
                 finish_wandb()
-            if not isinstance(e, torch.OutOfMemoryError):
+            if not is_out_of_memory(e):
                 raise
+            newest = latest_good_checkpoint(output_dir) if is_main_process() else None
             raise TrainingError(
-                "out of memory. Lower --batch-size (and raise --gradient-accumulation-steps to "
-                "keep the effective batch), use --use-4bit, add --gradient-checkpointing, or "
-                "lower --max-length") from None
+                f"out of memory at step {trainer.state.global_step + 1} (micro-batch of "
+                f"{trainer.micro_batch_limit or cfg.batch_size} rows, --max-length "
+                f"{cfg.max_length}). What was written is intact (newest complete checkpoint: "
+                f"{newest.name if newest else 'none'}). To fit: lower --batch-size and raise "
+                "--gradient-accumulation-steps to keep the effective batch (or add "
+                "--auto-batch-backoff, which does that on its own and can continue this run with "
+                "--resume auto), use --use-4bit, add --gradient-checkpointing, or lower "
+                "--max-length") from None
     elapsed = time.perf_counter() - t0
     if stop_flag.get("signal") is not None:
         status = f"interrupted by {signal.Signals(stop_flag['signal']).name}"
@@ -738,30 +1225,10 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
 def mean_supervised_loss(model, rows: Sequence[dict[str, Any]], pad_token_id: int,
                          batch_size: int = 8) -> float:
     """Mean cross-entropy per supervised token (response + EOS), teacher-forced."""
-    import torch
-    import torch.nn.functional as F
+    from llama_loss import per_example_nll
 
-    collate = PadCollator(pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            order = sorted(range(len(rows)), key=lambda i: rows[i]["length"])
-            for start in range(0, len(order), batch_size):
-                batch = collate([rows[i] for i in order[start:start + batch_size]])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits[:, :-1].float()
-                labels = batch["labels"][:, 1:]
-                mask = labels != -100
-                total += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-                count += int(mask.sum())
-    finally:
-        if was_training:
-            model.train()
-    return total / max(count, 1)
+    sums = per_example_nll(model, rows, pad_token_id, batch_size=batch_size)
+    return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
 
 
 def save_final_model(model, tokenizer, output_dir: Path, run_config: dict[str, Any]) -> Path:

@@ -102,7 +102,7 @@ def test_supervised_position_loss_equals_the_models_own_loss(tiny_llama_dir, tok
 # ---------------------------------------------------------------------------------------------
 
 EXPECTED_TOP = {"checkpoint-2", "checkpoint-4", "final_model", "metrics.jsonl", "samples.jsonl",
-                "test.jsonl", "train_results.json", "loss_curve.png"}
+                "consumed_ids.jsonl", "test.jsonl", "train_results.json", "loss_curve.png"}
 EXPECTED_FINAL = {"adapter_model.safetensors", "adapter_config.json", "run_config.json",
                   "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md",
                   "checkpoint_manifest.json"}
@@ -149,7 +149,7 @@ def test_rerun_into_an_existing_run_is_refused_and_nothing_is_touched(tmp_path, 
     argv = tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "2", "--eval-steps", "2")
     assert llama_train.main(argv) == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
-    assert llama_train.main(argv) == 1
+    assert llama_train.main(argv) == 2
     err = capsys.readouterr().err
     assert "already holds a training run" in err and "--resume auto" in err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
@@ -167,7 +167,7 @@ def _interrupt_at(step: int):
     return lambda trainer: trainer.add_callback(Interrupt())
 
 
-def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir):
+def test_guarantee_01_sigint_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir):
     """RELIABILITY 1, 2, 5: stopped mid-epoch with accumulation > 1 and dropout > 0, then resumed
     in a fresh run: the same per-step losses and the same final LoRA tensors."""
     common = ["--max-steps", "6", "--eval-steps", "100", "--save-steps", "100",
@@ -194,18 +194,18 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
         torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_llama_dir, capsys):
+def test_guarantee_01_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_llama_dir, capsys):
     argv = tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "2", "--eval-steps", "2")
     assert llama_train.main(argv) == 0
     changed = argv + ["--resume", "auto", "--max-steps", "4", "--learning-rate", "1e-3"]
-    assert llama_train.main(changed) == 1
+    assert llama_train.main(changed) == 2
     err = capsys.readouterr().err
     assert "training config" in err and "--force" in err
     assert llama_train.main(changed + ["--force"]) == 0
     assert json.loads((tmp_path / "run" / "train_results.json").read_text())["global_step"] == 4
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tiny_llama_dir):
+def test_guarantee_06_nan_loss_stops_the_run_naming_the_step(tmp_path, tiny_llama_dir):
     """RELIABILITY 6: NaN at step 3 stops before that update; checkpoints hold finite tensors."""
     argv = tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "6", "--eval-steps", "2")
 
@@ -236,7 +236,7 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_llama
     assert (tmp_path / "run" / f"checkpoint-{best_step}").is_dir()  # retention kept the best
 
 
-def test_retention_keeps_the_newest_complete_checkpoint(tmp_path):
+def test_guarantee_04_retention_keeps_the_newest_complete_checkpoint(tmp_path):
     for step in (1, 2, 3):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
