@@ -27,11 +27,12 @@ import json
 import logging
 import math
 import os
-import sys
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 logger = logging.getLogger("llama_sft")
 
@@ -207,6 +208,15 @@ def load_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
                   stats: LoadStats | None = None) -> list[Example]:
     """Read and validate a JSONL file. Raises DatasetError naming `file:line` and the reason;
     with skip_invalid, bad lines are skipped and counted in `stats` instead."""
+    return list(iter_examples(path, field_map=field_map, skip_invalid=skip_invalid,
+                              max_line_bytes=max_line_bytes, stats=stats))
+
+
+def iter_examples(path: str | os.PathLike, *, field_map: str | dict | None = None,
+                  skip_invalid: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+                  stats: LoadStats | None = None) -> Iterator[Example]:
+    """load_examples one line at a time: the same checks, errors and counts, holding one line
+    and one example at a time (the dataset report streams through it)."""
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{path}: file not found (the sample data is in ./sft_output/; "
@@ -215,7 +225,6 @@ def load_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
         raise DatasetError(f"{path}: is a folder; pass a .jsonl file")
     fmap = parse_field_map(field_map) if isinstance(field_map, (str, type(None))) else field_map
     stats = stats if stats is not None else LoadStats()
-    examples: list[Example] = []
 
     def bad(lineno: int, reason: str) -> None:
         if not skip_invalid:
@@ -271,9 +280,8 @@ def load_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
                 bad(lineno, str(e))
                 continue
             ex.line = lineno
-            examples.append(ex)
             stats.rows += 1
-    return examples
+            yield ex
 
 
 # --------------------------------------------------------------------------------------
@@ -285,35 +293,52 @@ def _bucket(content_hash: str) -> float:
     return int(content_hash[:12], 16) / float(16**12)
 
 
+class SplitAssigner:
+    """The split of each example in turn, by a hash of its content: None for a golden-set
+    example or a duplicate (counted in `removed`). split_examples and the streaming report
+    both use it, so they cannot disagree."""
+
+    def __init__(self, *, val_ratio: float, test_ratio: float, golden: Iterable[Example] = ()):
+        self.val_ratio, self.test_ratio = val_ratio, test_ratio
+        self.golden_hashes = {g.content_hash for g in golden}
+        self.seen: set[str] = set()
+        self.removed: Counter = Counter()
+
+    def assign(self, content_hash: str) -> str | None:
+        if content_hash in self.golden_hashes:
+            self.removed["golden_overlap"] += 1
+            return None
+        if content_hash in self.seen:
+            self.removed["duplicates"] += 1
+            return None
+        self.seen.add(content_hash)
+        b = _bucket(content_hash)
+        if b < self.val_ratio:
+            return "val"
+        if b < self.val_ratio + self.test_ratio:
+            return "test"
+        return "train"
+
+    def finish(self) -> dict[str, int]:
+        if self.removed["golden_overlap"]:
+            logger.warning("%d dataset example(s) also appear in the golden set; they were "
+                           "removed from training so the golden set stays a fair test",
+                           self.removed["golden_overlap"])
+        return dict(self.removed)
+
+
 def split_examples(examples: Sequence[Example], *, val_ratio: float, test_ratio: float,
                    golden: Sequence[Example] = ()) -> tuple[dict[str, list[Example]], dict[str, int]]:
     """Hash-based train/val/test split; golden-set examples are removed from all splits.
 
     Returns the splits and counts of what was removed (golden overlap, duplicates)."""
-    golden_hashes = {g.content_hash for g in golden}
-    seen: set[str] = set()
+    assigner = SplitAssigner(val_ratio=val_ratio, test_ratio=test_ratio, golden=golden)
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
-    removed = Counter()
     for ex in examples:
-        h = ex.content_hash
-        if h in golden_hashes:
-            removed["golden_overlap"] += 1
-            continue
-        if h in seen:
-            removed["duplicates"] += 1
-            continue
-        seen.add(h)
-        b = _bucket(h)
-        if b < val_ratio:
-            splits["val"].append(ex)
-        elif b < val_ratio + test_ratio:
-            splits["test"].append(ex)
-        else:
-            splits["train"].append(ex)
-    if removed["golden_overlap"]:
-        logger.warning("%d dataset example(s) also appear in the golden set; they were removed "
-                       "from training so the golden set stays a fair test", removed["golden_overlap"])
-    return splits, dict(removed)
+        name = assigner.assign(ex.content_hash)
+        if name is not None:
+            splits[name].append(ex)
+    return splits, assigner.finish()
 
 
 def dataset_hash(examples: Sequence[Example]) -> str:
@@ -458,32 +483,59 @@ def percentiles(values: Sequence[int], qs: Iterable[int] = (50, 90, 95, 99)) -> 
     return out
 
 
-def build_report(examples: Sequence[Example], tokenizer, *, path: str, max_length: int,
+REPORT_CHUNK = 1024  # examples rendered and tokenized at a time by the report
+
+
+def build_report(examples: Iterable[Example], tokenizer, *, path: str, max_length: int,
                  prompt_format: str, val_ratio: float, test_ratio: float,
                  golden: Sequence[Example] = (), load_stats: LoadStats | None = None) -> dict[str, Any]:
+    """Counts, token-length percentiles, truncation, duplicates and split sizes of `examples`.
+
+    One pass that streams: `examples` may be a generator (iter_examples), and only REPORT_CHUNK
+    examples, their rendered prompts and token ids are held at a time; what is kept for the
+    whole file is two arrays of token lengths (4 bytes per example each), one content hash per
+    distinct example (for duplicates and splits) and the category counts."""
     fmt = resolve_prompt_format(tokenizer, prompt_format)
-    prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in examples]
-    p_len = [len(x) for x in _prompt_ids(tokenizer, fmt, prompts)]
-    r_len = [len(x) + 1 for x in tokenizer([ex.response for ex in examples],
-                                           add_special_tokens=False)["input_ids"]]
-    over = [ex for ex, a, b in zip(examples, p_len, r_len) if a + b > max_length]
-    would_truncate = len(over)
-    # Count drops the way training will: the context is cut first, so a long prompt is only
-    # dropped when even the instruction leaves no room (tokenize only the few long ones).
+    p_len, r_len = array("I"), array("I")
+    categories: Counter = Counter()
+    splits = {"train": 0, "val": 0, "test": 0}
+    assigner = SplitAssigner(val_ratio=val_ratio, test_ratio=test_ratio, golden=golden)
+    all_hashes = hashlib.sha256()  # == dataset_hash(examples), without holding them
     over_stats = TokenizeStats()
-    tokenize_examples(over, tokenizer, max_length=max_length, prompt_format=fmt, stats=over_stats)
-    no_room = over_stats.dropped_no_supervised_tokens
-    splits, removed = split_examples(examples, val_ratio=val_ratio, test_ratio=test_ratio,
-                                     golden=golden)
-    load_stats = load_stats or LoadStats(rows=len(examples))
+    would_truncate = n = 0
+    for chunk in _chunks(examples, REPORT_CHUNK):
+        prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in chunk]
+        chunk_p = [len(x) for x in _prompt_ids(tokenizer, fmt, prompts)]
+        chunk_r = [len(x) + 1 for x in tokenizer([ex.response for ex in chunk],
+                                                 add_special_tokens=False)["input_ids"]]
+        over = []
+        for ex, a, b in zip(chunk, chunk_p, chunk_r):
+            h = ex.content_hash
+            all_hashes.update(h.encode())
+            categories[ex.category] += 1
+            name = assigner.assign(h)
+            if name is not None:
+                splits[name] += 1
+            if a + b > max_length:
+                over.append(ex)
+        n += len(chunk)
+        p_len.extend(chunk_p)
+        r_len.extend(chunk_r)
+        would_truncate += len(over)
+        # Count drops the way training will: the context is cut first, so a long prompt is
+        # only dropped when even the instruction leaves no room (tokenize only the long ones).
+        tokenize_examples(over, tokenizer, max_length=max_length, prompt_format=fmt,
+                          stats=over_stats)
+    removed = assigner.finish()
+    load_stats = load_stats or LoadStats(rows=n)
     return {
         "dataset": str(path),
         "file_sha256": file_sha256(path),
-        "dataset_hash": dataset_hash(examples),
-        "examples": len(examples),
+        "dataset_hash": all_hashes.hexdigest()[:16],
+        "examples": n,
         "skipped_invalid": load_stats.skipped_invalid,
         "skipped_reasons": dict(load_stats.skipped_reasons),
-        "categories": dict(sorted(Counter(ex.category for ex in examples).items())),
+        "categories": dict(sorted(categories.items())),
         "prompt_format": fmt,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "max_length": max_length,
@@ -491,14 +543,20 @@ def build_report(examples: Sequence[Example], tokenizer, *, path: str, max_lengt
         "response_tokens": percentiles(r_len),
         "total_tokens": percentiles([a + b for a, b in zip(p_len, r_len)]),
         "would_truncate": would_truncate,
-        "would_drop_no_supervised_tokens": no_room,
+        "would_drop_no_supervised_tokens": over_stats.dropped_no_supervised_tokens,
         # As split_examples counts them: a repeated golden-set row is golden overlap (every
         # copy), not a duplicate, so splits == examples - duplicates - golden overlap.
         "duplicate_examples": removed.get("duplicates", 0),
         "golden_overlap": removed.get("golden_overlap", 0),
-        "splits": {k: len(v) for k, v in splits.items()},
+        "splits": splits,
         "split_ratios": {"val": val_ratio, "test": test_ratio},
     }
+
+
+def _chunks(items: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -535,48 +593,119 @@ def load_and_validate(path: str, *, field_map: str | None = None, skip_invalid: 
         logger.warning("%s %s: skipped %d invalid line(s): %s", what, path, stats.skipped_invalid,
                        dict(stats.skipped_reasons))
     if not examples:
-        raise DatasetError(f"{what} {path}: no valid examples")
+        raise no_examples_error(what, path, stats)
     return examples, stats
+
+
+def no_examples_error(what: str, path: str | os.PathLike, stats: LoadStats) -> DatasetError:
+    if stats.skipped_invalid:
+        return DatasetError(f"{what} {path}: no valid examples: all {stats.skipped_invalid} "
+                            f"non-blank line(s) were invalid and skipped "
+                            f"({dict(stats.skipped_reasons)}); run without --skip-invalid to "
+                            "see the first bad line and why")
+    return DatasetError(f"{what} {path}: no valid examples: the file is empty or holds only "
+                        "blank lines; it needs one JSON object per line with 'instruction' and "
+                        "'response'")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_config import DataArgs, ModelArgs, add_dataclass_args
+    from llama_io import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="llama_dataset.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="llama_dataset.py", description=__doc__)
     add_dataclass_args(p, DataArgs)
     add_dataclass_args(p, ModelArgs, only=("model_size", "base_model", "prompt_format",
                                            "max_length", "trust_remote_code"))
     p.add_argument("--report", action="store_true", help="Print the dataset report.")
-    p.add_argument("--output", help="Write the report as JSON to this file.")
+    p.add_argument("--output", help="Write the report as JSON to this file (an earlier report "
+                   "there is replaced; any other file is refused).")
     return p
 
 
+REPORT_KEYS = ("dataset", "dataset_hash", "examples", "splits")
+
+
+def check_report_output(output: str, cfg: Any) -> dict[str, Any] | None:
+    """Refuse an --output that would destroy something that is not a report (the dataset
+    itself, a folder, any other file); return the earlier report found there, if any."""
+    from llama_config import ConfigError
+    from llama_io import output_file_problem, same_file
+
+    for flag, given in (("--dataset", cfg.dataset), ("--golden-set", cfg.golden_set)):
+        if same_file(output, given):
+            raise ConfigError(f"--output {output} is the {flag} file: writing the report there "
+                              "would destroy it; choose another --output (e.g. report.json)")
+    problem = output_file_problem("--output", output, example="report.json")
+    if problem:
+        raise ConfigError(problem)
+    p = Path(output)
+    if not p.exists():
+        return None
+    earlier = None
+    if p.is_file() and p.stat().st_size < (4 << 20):
+        try:
+            earlier = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            earlier = None
+    if not (isinstance(earlier, dict) and all(k in earlier for k in REPORT_KEYS)):
+        raise ConfigError(f"--output {output} exists and is not a report written by "
+                          "llama_dataset.py; choose another --output (the file was left as it "
+                          "was)")
+    return earlier
+
+
 def run_report(cfg: Any, output: str | None = None) -> dict[str, Any]:
+    """The report on --dataset, streaming: a first pass validates every line without holding
+    the examples (a bad line fails here, before a tokenizer is loaded); the second renders and
+    tokenizes REPORT_CHUNK examples at a time. Peak memory does not grow with the file beyond
+    two 4-byte lengths and one content hash per example."""
+    from llama_io import write_text_atomic
     from llama_model import load_tokenizer, resolve_base_model
 
     if not cfg.dataset:
         raise DatasetError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
-    examples, stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
-                                        skip_invalid=cfg.skip_invalid)
+    earlier = check_report_output(output, cfg) if output else None
+    stats = LoadStats()
+    for _ in iter_examples(cfg.dataset, field_map=cfg.field_map, skip_invalid=cfg.skip_invalid,
+                           stats=stats):
+        pass
+    if stats.skipped_invalid:
+        logger.warning("--dataset %s: skipped %d invalid line(s): %s", cfg.dataset,
+                       stats.skipped_invalid, dict(stats.skipped_reasons))
+    if not stats.rows:
+        raise no_examples_error("--dataset", cfg.dataset, stats)
     golden: list[Example] = []
     if cfg.golden_set:
         golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
                                       skip_invalid=cfg.skip_invalid, what="--golden-set")
     tok = load_tokenizer(resolve_base_model(cfg.model_size, cfg.base_model),
                          trust_remote_code=cfg.trust_remote_code)
+    examples = iter_examples(cfg.dataset, field_map=cfg.field_map,
+                             skip_invalid=cfg.skip_invalid)
     report = build_report(examples, tok, path=cfg.dataset, max_length=cfg.max_length,
                           prompt_format=cfg.prompt_format, val_ratio=cfg.val_ratio,
                           test_ratio=cfg.test_ratio, golden=golden, load_stats=stats)
+    if report["examples"] != stats.rows:
+        raise DatasetError(f"--dataset {cfg.dataset} changed while the report was being made "
+                           f"({stats.rows} then {report['examples']} examples); run it again")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, indent=2) + "\n")
+        if earlier is not None:
+            logger.info("replacing %s (an earlier report on %s, hash %s)", output,
+                        earlier.get("dataset"), earlier.get("dataset_hash"))
+        write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llama_config import ConfigError, DataArgs, ModelArgs, resolve_config, setup_logging, validate
-    from llama_model import ModelLoadError
+    """Exit status: 0 reported, 2 bad flags, data or paths (one `error: ...` line)."""
+    from llama_io import run_cli
+
+    # DatasetError is passed on: run as a script, this module's class is __main__.DatasetError.
+    return run_cli(lambda: _main(argv), bad_input=(DatasetError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from llama_config import DataArgs, ModelArgs, resolve_config, setup_logging, validate
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -589,13 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if "model_size" not in vars(args) and "base_model" not in vars(args):
         args.model_size = "135m"  # the report needs a tokenizer; the embedded one works offline
-    try:
-        cfg = resolve_config(_ReportArgs, args)
-        validate(cfg)
-        report = run_report(cfg, output)
-    except (ConfigError, DatasetError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(_ReportArgs, args)
+    validate(cfg)
+    report = run_report(cfg, output)
     if report_flag or not output:
         print(format_report(report))
     if output:

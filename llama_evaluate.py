@@ -39,6 +39,9 @@ exact match, JSON field accuracy, generated length, EOS rate). Response perplexi
 teacher-forced loss on the reference response tokens (and EOS) only, prompt tokens excluded.
 --num-samples N takes the first N of a fixed order: round-robin over categories, each category
 in content-hash order, so a small N still covers every category and is the same on every run.
+An --output (or samples file) holding the results of another evaluation (another adapter, base
+model or data file), or a file this script did not write, is refused before anything is loaded
+unless --overwrite; re-running the same evaluation replaces its results with a notice.
 Exit codes: 0 done, 2 bad input (a one-line `error: ...`).
 """
 
@@ -60,9 +63,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llama_config import (ConfigError, DataArgs, ModelArgs, add_dataclass_args, config_to_dict,
-                          get_spec, log_overrides, resolve_config, setup_logging, validate)
+                          get_spec, log_overrides, raise_problems, resolve_config, setup_logging,
+                          validate)
 
-from llama_io import sha256_file, write_text_atomic  # noqa: E402
+from llama_io import (ArgumentParser, output_file_problem, run_cli, safetensors_problem,  # noqa: E402
+                      same_file, sha256_file, write_text_atomic)
 
 logger = logging.getLogger("llama_sft")
 
@@ -106,6 +111,10 @@ class EvalArgs(ModelArgs, DataArgs):
                                       "answer_exact_match on examples whose reference matches.")
     compare_base: bool = _field(False, "Also evaluate the base model without the adapter on the "
                                 "same examples, and report the difference per metric.")
+    overwrite: bool = _field(False, "Replace an --output (and samples file) that holds the "
+                             "results of another evaluation, or a file this script did not "
+                             "write. Without it they are refused; the results of the same "
+                             "adapter on the same data are replaced with a notice.")
     config: str | None = _field(None, "JSON file of these keys (names with _). Precedence: "
                                 "adapter run_config.json < this file < flags.")
 
@@ -128,8 +137,7 @@ _DATA_FLAGS = ("dataset", "field_map", "skip_invalid")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama_evaluate.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="llama_evaluate.py", description=__doc__)
     inherited = {f.name for f in dataclasses.fields(ModelArgs) + dataclasses.fields(DataArgs)}
     own = [f.name for f in dataclasses.fields(EvalArgs)
            if f.name not in inherited and f.name not in ("adapter_path", "batch_size")]
@@ -190,10 +198,96 @@ def check_eval_config(cfg: EvalArgs) -> None:
             compile_answer_regex(cfg.answer_regex)
         except ValueError as e:
             problems.append(str(e))
-    if Path(cfg.output).is_dir():
-        problems.append(f"--output {cfg.output} is a folder; give a .json file name")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    problems += output_problems(cfg)
+    raise_problems(problems)
+
+
+def samples_path_for(cfg: EvalArgs) -> Path:
+    output = Path(cfg.output)
+    return Path(cfg.samples_output) if cfg.samples_output else output.with_name(
+        f"{output.stem}_samples.jsonl")
+
+
+def _read_json_head(path: Path, limit: int = 64 << 20) -> Any:
+    """The JSON in `path` (None when unreadable, not JSON, or larger than `limit`)."""
+    try:
+        if path.stat().st_size > limit:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _is_samples_file(path: Path) -> bool:
+    """Whether `path` is empty or looks like a samples JSONL this script wrote."""
+    try:
+        if path.stat().st_size == 0:
+            return True  # nothing to lose
+        with open(path, "rb") as fh:
+            rec = json.loads(fh.readline(1 << 20))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rec, dict) and {"index", "generation", "reference"} <= set(rec)
+
+
+def output_problems(cfg: EvalArgs) -> list[str]:
+    """--output and the samples file must not be the data, a folder, or (unless --overwrite)
+    a file this script did not write. Checked before anything is loaded or written."""
+    problems = []
+    output, samples = Path(cfg.output), samples_path_for(cfg)
+    checks = [("--output", output)] + ([("--samples-output", samples)] if cfg.samples_output
+                                         else [])  # the default one sits beside --output
+    for flag, path in checks:
+        if same_file(path, cfg.dataset):
+            problems.append(f"{flag} {path} is the --dataset file: writing there would destroy "
+                            f"it; choose another {flag}")
+        elif problem := output_file_problem(flag, path):
+            problems.append(problem)
+    if not cfg.samples_output and same_file(samples, cfg.dataset):
+        problems.append(f"the samples file for --output {output} would be {samples}, the "
+                        "--dataset file; choose another --output or pass --samples-output")
+    if same_file(output, samples):
+        problems.append(f"--samples-output {samples} is the --output file; give two files")
+    if problems or cfg.overwrite:
+        return problems
+    if output.is_file() and output.stat().st_size:
+        earlier = _read_json_head(output)
+        if not (isinstance(earlier, dict) and earlier.get("stage") == "evaluate"):
+            problems.append(f"--output {output} exists and is not a results file written by "
+                            "llama_evaluate.py; choose another --output, or pass --overwrite to "
+                            "replace it")
+    if samples.is_file() and not _is_samples_file(samples):
+        flag = "--samples-output" if cfg.samples_output else "the samples file"
+        problems.append(f"{flag} {samples} exists and is not a samples file written by "
+                        "llama_evaluate.py; choose another --output/--samples-output, or pass "
+                        "--overwrite to replace it")
+    return problems
+
+
+def check_earlier_results(cfg: EvalArgs, *, base_model: str, adapter_sha: str | None,
+                          dataset_sha: str) -> None:
+    """An --output holding the results of another evaluation (another adapter, base model or
+    data file) is refused unless --overwrite; the same evaluation is replaced with a notice."""
+    output = Path(cfg.output)
+    earlier = _read_json_head(output) if output.is_file() else None
+    if not isinstance(earlier, dict) or earlier.get("stage") != "evaluate":
+        return
+    model, data = earlier.get("model") or {}, earlier.get("dataset") or {}
+    same = (model.get("adapter_sha256") == adapter_sha and data.get("file_sha256") == dataset_sha
+            and model.get("base_model") == base_model)
+    what = (f"adapter sha256 {str(model.get('adapter_sha256'))[:12]}... on "
+            f"{model.get('base_model')}" if model.get("adapter_sha256") else
+            f"base model {model.get('base_model')}") + f", data {data.get('path')}"
+    if same:
+        logger.warning("replacing %s: results of an earlier evaluation of the same adapter on the "
+                       "same data", output)
+    elif cfg.overwrite:
+        logger.warning("replacing %s (--overwrite): it held the results of another evaluation "
+                       "(%s)", output, what)
+    else:
+        raise ConfigError(f"--output {output} holds the results of another evaluation ({what}); "
+                          "choose another --output, or pass --overwrite to replace them "
+                          "(nothing was written)")
 
 
 def inherit_run_config(cfg: EvalArgs, run_cfg: dict[str, Any]) -> EvalArgs:
@@ -260,51 +354,12 @@ def evaluation_order(examples: Sequence[Any]) -> list[Any]:
 def response_nll(model, tokenizer, features: Sequence[dict[str, Any]], *,
                  batch_size: int) -> list[tuple[float, int]]:
     """(summed NLL in nats, supervised token count) per tokenized example, teacher-forced on the
-    response tokens only (labels != -100). The LM head runs only on supervised positions: full
-    logits for every position would take batch x length x vocab x 4 bytes (16 x 512 x 49k x 4 =
-    1.6 GB for the embedded model)."""
-    import torch
-    import torch.nn.functional as F
+    response tokens only (llama_loss.per_example_nll: the LM head runs on supervised positions
+    only)."""
+    from llama_loss import per_example_nll
 
-    if not features:
-        return []
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(features)), key=lambda i: features[i]["length"], reverse=True)
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                width = max(features[i]["length"] for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                labels = torch.full((len(idx), width), -100, dtype=torch.long)
-                for row, i in enumerate(idx):
-                    n = features[i]["length"]  # right padding: positions need no shifting
-                    ids[row, :n] = torch.tensor(features[i]["input_ids"])
-                    labels[row, :n] = torch.tensor(features[i]["labels"])
-                    mask[row, :n] = 1
-                hidden = decoder(input_ids=ids.to(device),
-                                 attention_mask=mask.to(device)).last_hidden_state
-                target = labels[:, 1:].to(device)  # position t predicts token t + 1
-                supervised = target != -100
-                logits = head(hidden[:, :-1][supervised]).float()
-                nll = F.cross_entropy(logits, target[supervised], reduction="none")
-                rows = supervised.nonzero()[:, 0]
-                sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
-                sums.index_add_(0, rows, nll.double())
-                counts = supervised.sum(dim=1)
-                for row, i in enumerate(idx):
-                    out[i] = (float(sums[row]), int(counts[row]))
-    finally:
-        if was_training:
-            model.train()
-    return out
+    return per_example_nll(model, features, pad, batch_size=batch_size)
 
 
 def eval_dtype(name: str):
@@ -323,11 +378,21 @@ def eval_dtype(name: str):
     return best_dtype("cuda") if torch.cuda.is_available() else torch.float32
 
 
+def _adapter_config_problem(adapter_path: str) -> str | None:
+    try:
+        cfg = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"adapter_config.json is not valid JSON ({type(e).__name__})"
+    return None if isinstance(cfg, dict) else "adapter_config.json is not a JSON object"
+
+
 def load_for_evaluation(cfg: EvalArgs, base_model_flag: str | None):
     """(model, tokenizer): llama_model.load_for_inference with a choice of dtype.
 
     Same checks and messages (an explicit --base-model that differs from the adapter's is an
     error; the adapter's own tokenizer is used when saved with it)."""
+    from safetensors import SafetensorError
+
     from llama_model import (ModelLoadError, load_model, load_tokenizer, read_run_config,
                              resolve_base_model, same_base)
 
@@ -354,9 +419,9 @@ def load_for_evaluation(cfg: EvalArgs, base_model_flag: str | None):
             model = PeftModel.from_pretrained(model, cfg.adapter_path, is_trainable=False)
     except ModelLoadError:
         raise
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
         # e.g. peft's "size mismatch for ...lora_A.weight": an adapter made for another
-        # architecture under the same name.
+        # architecture under the same name; or adapter weights damaged after the header check.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelLoadError(f"could not load {cfg.adapter_path or name} onto {name!r}: {first}") from None
     model.eval()
@@ -431,6 +496,10 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
             raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: no {ADAPTER_WEIGHTS} (this "
                                  "toolkit does not unpickle adapter_model.bin files it did not "
                                  "write); save the adapter with safe_serialization=True")
+        problem = safetensors_problem(weights) or _adapter_config_problem(cfg.adapter_path)
+        if problem:
+            raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: {problem}; point it at an "
+                                 "intact final_model/ or checkpoint-*/ folder")
         adapter_sha = sha256_file(weights)
         if not run_cfg:
             logger.warning("%s has no run_config.json: using --base-model/--model-size and "
@@ -450,6 +519,8 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
     if cfg.num_samples and cfg.num_samples > len(ordered):
         logger.info("--num-samples %d > %d examples: evaluating all", cfg.num_samples, len(ordered))
     dataset_sha = file_sha256(cfg.dataset)
+    check_earlier_results(cfg, base_model=base_name, adapter_sha=adapter_sha,
+                          dataset_sha=dataset_sha)
     trained_sha = (run_cfg.get("dataset") or {}).get("file_sha256")
     if trained_sha and trained_sha == dataset_sha:
         logger.warning("--dataset %s is the file the adapter was trained on: these metrics are "
@@ -565,9 +636,6 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
                                 base_perplexity_seconds=base["ppl_seconds"],
                                 total_seconds=time.perf_counter() - t_start)
     result = _round(result)
-    for path in (output, samples_path):
-        if path.exists():
-            logger.warning("overwriting %s", path)
     write_text_atomic(samples_path, "".join(line + "\n" for line in sample_lines))
     write_text_atomic(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     logger.info("wrote %s and %s", output, samples_path)
@@ -624,19 +692,17 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llama_dataset import DatasetError
-    from llama_model import ModelLoadError
+    """Exit status: 0 done, 2 bad input (one `error: ...` line, see llama_io.run_cli)."""
+    return run_cli(lambda: _main(argv))
 
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.__dict__.pop("verbose"))
-    try:
-        cfg = resolve_config(EvalArgs, args)
-        validate(cfg)
-        log_overrides(cfg)
-        result = run_evaluate(cfg)
-    except (ConfigError, DatasetError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(EvalArgs, args)
+    validate(cfg)
+    log_overrides(cfg)
+    result = run_evaluate(cfg)
     print(format_table(result))
     return 0
 

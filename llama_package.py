@@ -65,9 +65,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
-from llama_config import ConfigError, add_dataclass_args, get_spec, resolve_config, setup_logging
+from llama_config import add_dataclass_args, get_spec, resolve_config, setup_logging
 
-from llama_io import sha256_file  # noqa: E402
+from llama_io import (ArgumentParser, output_dir_problem, run_cli, safetensors_problem,  # noqa: E402
+                      sha256_file)
 
 logger = logging.getLogger("llama_sft")
 
@@ -147,8 +148,7 @@ class PackageArgs:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama_package.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="llama_package.py", description=__doc__)
     add_dataclass_args(p, PackageArgs)
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     return p
@@ -257,6 +257,16 @@ def check_adapter_folder(adapter: Path) -> dict[str, Any]:
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         raise PackageError(f"--adapter-path {adapter}: no {ADAPTER_WEIGHTS} (this toolkit packages "
                            "safetensors adapters only; save with safe_serialization=True)")
+    problem = safetensors_problem(adapter / ADAPTER_WEIGHTS)
+    try:
+        adapter_cfg = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        if not isinstance(adapter_cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = problem or f"{ADAPTER_CONFIG} is not valid JSON ({type(e).__name__})"
+    if problem:
+        raise PackageError(f"--adapter-path {adapter}: {problem}; point it at an intact "
+                           "final_model/ or checkpoint-*/ folder")
     manifest = adapter / TRAINER_MANIFEST
     if manifest.is_file():
         try:
@@ -678,6 +688,8 @@ def create_archive(folder: Path, archive: Path, *, mtime: int) -> list[str]:
 
 def run_package(cfg: PackageArgs) -> dict[str, Any]:
     """Build the archive and side files; returns what was written and checked."""
+    from safetensors import SafetensorError
+
     from llama_model import ModelLoadError, load_tokenizer
 
     if not cfg.adapter_path:
@@ -694,6 +706,9 @@ def run_package(cfg: PackageArgs) -> dict[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
         raise PackageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     out_dir = Path(cfg.output_dir)
+    problem = output_dir_problem("--output-dir", out_dir)
+    if problem:
+        raise PackageError(problem)
     outputs = {"archive": out_dir / f"{name}.tar.gz",
                "archive_sha256_file": out_dir / f"{name}.tar.gz.sha256",
                "metadata": out_dir / f"{name}.metadata.json",
@@ -743,6 +758,11 @@ def run_package(cfg: PackageArgs) -> dict[str, Any]:
             except ModelLoadError as e:
                 logger.warning("no reference generation recorded (--verify will only check "
                                "that the adapter loads and generates): %s", e)
+            except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
+                # e.g. peft's "size mismatch": an adapter for another architecture
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise PackageError(f"--adapter-path {adapter} does not load on {base_model!r}: "
+                                   f"{first}; nothing was written") from None
 
         merge_info = None
         if cfg.merge:
@@ -898,6 +918,9 @@ def run_verify(cfg: PackageArgs) -> dict[str, Any]:
         top = tops.pop()
         if cfg.extract_to:
             dest = Path(cfg.extract_to)
+            problem = output_dir_problem("--extract-to", dest)
+            if problem:
+                raise PackageError(problem)
             if dest.exists() and any(dest.iterdir()):
                 raise PackageError(f"--extract-to {dest}: folder is not empty")
             dest.mkdir(parents=True, exist_ok=True)
@@ -1000,26 +1023,22 @@ def _verify_extracted(cfg: PackageArgs, archive: Path, folder: Path, archive_sha
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llama_dataset import DatasetError
-    from llama_model import ModelLoadError
+    """Exit status: 0 done, 1 verification failed, 2 bad input; one `error: ...` line."""
+    return run_cli(lambda: _main(argv), bad_input=(PackageError,), failed=(VerifyError,),
+                   failed_prefix="verification failed: ")
 
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.__dict__.pop("verbose"))
-    try:
-        cfg = resolve_config(PackageArgs, args)
-        if cfg.model_size:
-            cfg.model_size = get_spec(cfg.model_size).size
-        if cfg.verify:
-            result = run_verify(cfg)
-            print(f"OK: {result['archive']} verified ({result['files_checked']} files)")
-            return 0
-        result = run_package(cfg)
-    except VerifyError as e:
-        print(f"error: verification failed: {e}", file=sys.stderr)
-        return 1
-    except (ConfigError, PackageError, ModelLoadError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(PackageArgs, args)
+    if cfg.model_size:
+        cfg.model_size = get_spec(cfg.model_size).size
+    if cfg.verify:
+        result = run_verify(cfg)
+        print(f"OK: {result['archive']} verified ({result['files_checked']} files)")
+        return 0
+    result = run_package(cfg)
     print(f"archive:      {result['archive']}  (sha256 {result['archive_sha256']})")
     print(f"metadata:     {result['metadata']}")
     print(f"model card:   {result['readme']}")

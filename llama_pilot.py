@@ -38,26 +38,26 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from llama_config import (ConfigError, PilotArgs, add_dataclass_args, log_overrides,
-                          resolve_config, setup_logging, validate)
+from llama_config import (PilotArgs, add_dataclass_args, log_overrides, resolve_config,
+                          setup_logging, validate)
+from llama_io import ArgumentParser, run_cli
 
 logger = logging.getLogger("llama_sft")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama_pilot.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="llama_pilot.py", description=__doc__)
     add_dataclass_args(p, PilotArgs)
     return p
 
 
 def choose_model(args: argparse.Namespace) -> str:
     """Fill in --model-size when neither it nor --base-model was given; returns the reason."""
-    import torch
-
     given = vars(args)
     if given.get("model_size") or given.get("base_model"):
         return "chosen with --model-size/--base-model"
+    import torch
+
     if torch.cuda.is_available():
         args.model_size = "7b"
         return "CUDA GPU found and no --model-size given: default 7b"
@@ -107,7 +107,8 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
 
     path = cfg.dataset
     if not path or not Path(path).is_file():
-        return {"available": False, "reason": f"--dataset {path} not found"}
+        return {"available": False,
+                "reason": f"--dataset {path} not found" if path else "no --dataset given"}
     examples = load_examples(path, field_map=cfg.field_map, skip_invalid=True)
     splits, _ = split_examples(examples, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
     stats = TokenizeStats()
@@ -125,18 +126,17 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
 
 
 def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
-    import torch
-
     from llama_dataset import (DatasetError, Example, dataset_hash, file_sha256, load_and_validate,
                                render_prompt, resolve_prompt_format, split_examples,
                                tokenize_examples)
     from llama_generate import generate
     from llama_model import load_model, load_tokenizer, resolve_base_model
-    from llama_train import finish_outputs, make_run_config, sample_prompts_from
-    from llama_trainer import check_output_dir, mean_supervised_loss, run_sft, write_json_atomic
+    from llama_train import (RUN_OUTPUTS, finish_outputs, make_run_config, refuse_earlier_run,
+                             sample_prompts_from)
+    from llama_trainer import mean_supervised_loss, run_sft, write_json_atomic
 
     output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, cfg.resume)
+    refuse_earlier_run(output_dir, cfg.resume, RUN_OUTPUTS + ("pilot_evaluation.json",))
     golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
                                   skip_invalid=cfg.skip_invalid, what="--golden-set")
     splits, removed = split_examples(golden, val_ratio=cfg.holdout_ratio, test_ratio=0.0)
@@ -145,6 +145,8 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
         raise DatasetError(f"--golden-set {cfg.golden_set}: {len(golden)} examples leave "
                            f"{len(train_ex)} to train and {len(held_out)} to hold out; the pilot "
                            "needs at least 4 and 2 (the guide's golden set has 150)")
+    import torch  # after the checks on the output folder and the data: bad input fails fast
+
     base_model = resolve_base_model(cfg.model_size, cfg.base_model)
     logger.info("pilot model: %s (%s)", base_model, model_choice)
     tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
@@ -304,25 +306,28 @@ def format_summary(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    from llama_dataset import DatasetError
-    from llama_model import ModelLoadError
-    from llama_trainer import TrainingError
+    """Exit status as llama_train.py's: 0 done, 2 bad input (also an --output-dir that already
+    holds a run), 1 training failed, 130/143 stopped by a signal; errors are one `error: ...`
+    line."""
+    from llama_trainer import RunSetupError, TrainingError
 
-    try:
-        args = build_parser().parse_args(argv)
-        why = choose_model(args)
-        logger.info("model: %s", why)
-        cfg = resolve_config(PilotArgs, args)
-        validate(cfg)
-        log_overrides(cfg)
-        report = run_pilot(cfg, model_choice=why)
-    except (ConfigError, DatasetError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _main(argv), bad_input=(RunSetupError,), failed=(TrainingError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    why = choose_model(args)
+    logger.info("model: %s", why)
+    cfg = resolve_config(PilotArgs, args)
+    if "dataset" not in cfg._sources and cfg.dataset and not Path(cfg.dataset).is_file():
+        # The default --dataset only serves the projection of full training: skipped when
+        # missing (a --dataset the user gave must exist).
+        logger.info("no %s: the projection of full training time is skipped", cfg.dataset)
+        cfg.dataset = None
+    validate(cfg)
+    log_overrides(cfg)
+    report = run_pilot(cfg, model_choice=why)
     if report.get("interrupted"):
         print(f"{report['status']} at step {report['global_step']}; a checkpoint is saved. "
               f"Continue with: python3 llama_pilot.py ... --output-dir {cfg.output_dir} "

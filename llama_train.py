@@ -31,13 +31,17 @@ Output layout of --output-dir:
                            run_config.json (base model, prompt format, LoRA, quantization,
                            dataset hash: what later stages read), checkpoint_manifest.json
     metrics.jsonl          one JSON record per logging step and per evaluation
+    consumed_ids.jsonl     per optimizer step, the ids of the examples it trained on
     samples.jsonl          golden-set generations at each evaluation
     test.jsonl             the test split of --dataset (hash-based), for llama_evaluate.py
     train_results.json     steps, losses, perplexity, throughput, peak memory, status
     loss_curve.png         train and eval loss against step
 
-Exit codes: 0 done; 2 bad input or config; 1 training failed (e.g. non-finite loss);
-130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (resume with --resume auto).
+Exit codes: 0 done; 2 bad input (flags, config, data, paths, an --output-dir that already
+holds a run, a resume refused; nothing is written then); 1 training failed (e.g. non-finite
+loss, out of memory);
+130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (resume with --resume auto). Every
+error is one `error: ...` message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -45,21 +49,42 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from llama_config import (ConfigError, TrainArgs, add_dataclass_args, config_to_dict, log_overrides,
                           resolve_config, setup_logging, validate)
+from llama_io import ArgumentParser, run_cli
 
 logger = logging.getLogger("llama_sft")
 
 
+# Files a run writes at the top of --output-dir besides metrics.jsonl, final_model/ and
+# checkpoint-*/ (which llama_trainer.check_output_dir looks for): one of these alone still
+# means the folder holds an earlier run, which a new run would partly overwrite.
+RUN_OUTPUTS = ("train_results.json", "test.jsonl", "samples.jsonl", "consumed_ids.jsonl",
+               "loss_curve.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama_train.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="llama_train.py", description=__doc__)
     add_dataclass_args(p, TrainArgs)
     return p
+
+
+def refuse_earlier_run(output_dir: Path, resume: str | None, names: Sequence[str] = RUN_OUTPUTS) -> None:
+    """llama_trainer.check_output_dir, plus the run's other outputs: without --resume, a folder
+    holding any of them is refused before anything is written (RunSetupError, exit 2)."""
+    from llama_trainer import RunSetupError, check_output_dir
+
+    check_output_dir(output_dir, resume)
+    if resume or not output_dir.is_dir():
+        return
+    found = [n for n in names if (output_dir / n).exists()]
+    if found:
+        raise RunSetupError(f"--output-dir {output_dir} already holds {', '.join(found)} from an "
+                            "earlier run. Continue that run with --resume auto, or choose another "
+                            "--output-dir (nothing was overwritten)")
 
 
 def make_run_config(cfg: Any, *, stage: str, base_model: str, prompt_format: str,
@@ -126,12 +151,12 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
                                load_and_validate, resolve_prompt_format, split_examples,
                                tokenize_examples)
     from llama_model import load_tokenizer, resolve_base_model
-    from llama_trainer import check_output_dir, is_main_process, run_sft
+    from llama_trainer import is_main_process, run_sft
 
     if not cfg.dataset:
         raise ConfigError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
     output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, cfg.resume)
+    refuse_earlier_run(output_dir, cfg.resume)
     examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
                                              skip_invalid=cfg.skip_invalid)
     golden = []
@@ -193,21 +218,17 @@ def resolve_train_config(argv: Sequence[str] | None) -> TrainArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    from llama_dataset import DatasetError
-    from llama_model import ModelLoadError
-    from llama_trainer import TrainingError
+    """Exit status: see the module docstring; errors are one `error: ...` line (run_cli)."""
+    from llama_trainer import RunSetupError, TrainingError
 
-    try:
-        cfg = resolve_train_config(argv)
-        log_overrides(cfg)
-        result = run_train(cfg)
-    except (ConfigError, DatasetError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _main(argv), bad_input=(RunSetupError,), failed=(TrainingError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    setup_logging()
+    cfg = resolve_train_config(argv)
+    log_overrides(cfg)
+    result = run_train(cfg)
     code = result.get("exit_code", 0)
     print(f"{result['status']}: {result['global_step']} steps in "
           f"{result['train_runtime_seconds']:.0f} s, train loss {result['train_loss']:.4f}"

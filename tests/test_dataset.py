@@ -9,8 +9,10 @@ import json
 import logging
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,7 +151,11 @@ EXAMPLES = [Example("What is 2+2?", "", "Four."),
 
 
 @pytest.mark.parametrize("fmt", ["chat", "instruction"])
-def test_labels_mask_the_prompt_and_supervise_response_and_eos(tokenizer, fmt):
+def test_guarantee_09_labels_mask_the_prompt_and_supervise_response_and_eos(tokenizer, fmt):
+    """RELIABILITY item 9, EOS is learned: labels are built explicitly; every target ends with
+    EOS and that EOS is supervised although this tokenizer pads with EOS (a masking of labels by
+    token id would turn it into -100 and fail here). Padding masked by the attention mask in
+    the batch: tests/test_train.py::test_collator_masks_padding_by_attention_not_token_id."""
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos, "precondition: SmolLM2 pads with its EOS token"
     stats = TokenizeStats()
@@ -207,10 +213,23 @@ def test_auto_format_follows_the_chat_template(tokenizer):
 # --------------------------------------------------------------------------------------
 
 
-def test_long_context_is_cut_first_and_response_keeps_its_eos(tokenizer):
-    ex = Example("Summarize the passage.", "word " * 600, "A short summary.")
+def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
+        tokenizer, tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    """RELIABILITY item 10, truncation is visible and safe: the context is cut before the
+    response (which keeps its EOS); an example with no room for a supervised token is dropped
+    and counted; the same counts appear in the dataset report and in the training log and
+    run_config.json."""
+    import llama_train
+    import llama_trainer
+
+    long_context = Example("Summarize the passage.", "word " * 600, "A short summary.")
+    no_room = Example("word " * 200, "", "response")
+    kept = Example("Say hi.", "", "Hi.")
     stats = TokenizeStats()
-    (row,) = tokenize_examples([ex], tokenizer, max_length=128, stats=stats)
+    rows = tokenize_examples([long_context, no_room, kept], tokenizer, max_length=128,
+                             stats=stats)
+    assert len(rows) == 2  # no_room is dropped, not trained on with zero supervised tokens
+    row = rows[0]
     assert row["length"] <= 128
     n = row["prompt_length"]
     assert tokenizer.decode(row["input_ids"][n:]) == "A short summary." + tokenizer.eos_token
@@ -219,7 +238,39 @@ def test_long_context_is_cut_first_and_response_keeps_its_eos(tokenizer):
     assert "Summarize the passage." in prompt_text and "word word" in prompt_text
     assert prompt_text.endswith("<|im_start|>assistant\n")  # the template is not cut
     assert (stats.context_truncated, stats.response_truncated,
-            stats.dropped_no_supervised_tokens) == (1, 0, 0)
+            stats.dropped_no_supervised_tokens) == (1, 0, 1)
+    assert (stats.examples_in, stats.examples_out) == (3, 2)
+
+    # the dataset report shows the same counts
+    path = write_jsonl(tmp_path / "d.jsonl", [ex.to_dict() for ex in (long_context, no_room, kept)])
+    report = build_report(load_examples(path), tokenizer, path=str(path), max_length=128,
+                          prompt_format="auto", val_ratio=0.0, test_ratio=0.0)
+    assert (report["would_truncate"], report["would_drop_no_supervised_tokens"]) == (2, 1)
+    assert "2 would be truncated, 1 would be dropped" in llama_dataset.format_report(report)
+
+    # ... and so do the training log and run_config.json (stopped before any model is loaded)
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def stop_before_training(cfg, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(llama_trainer, "run_sft", stop_before_training)
+    cfg = llama_train.resolve_train_config([
+        "--model-size", "135m", "--base-model", str(tiny_llama_dir), "--dataset", str(path),
+        "--output-dir", str(tmp_path / "run"), "--max-length", "128", "--val-ratio", "0",
+        "--test-ratio", "0"])
+    logger = logging.getLogger("llama_sft")
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger="llama_sft"), pytest.raises(Stop):
+        llama_train.run_train(cfg)
+    assert "truncated: 1 context, 0 response; dropped (no supervised token): 1" in caplog.text
+    tokenization = seen["run_config"]["dataset"]["tokenization"]
+    assert (tokenization["context_truncated"], tokenization["dropped_no_supervised_tokens"]) == (1, 1)
+    assert len(seen["train_rows"]) == 2
 
 
 def test_response_is_cut_when_the_instruction_alone_is_long(tokenizer):
@@ -383,18 +434,40 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("line, reason", [pytest.param(l, r, id=i) for i, l, r in MALFORMED])
-def test_malformed_line_names_file_line_and_reason_without_values(tmp_path, line, reason):
+# (id, file content, line named, reason, with --skip-invalid: examples kept, lines skipped):
+# the cases that are not "line 2 between two good lines"
+MALFORMED_FILES = [
+    ("bom", b"\xef\xbb\xbf" + json.dumps({**GOOD, "context": S}).encode() + b"\n", 1,
+     "byte-order mark (BOM)", 1, 0),  # --skip-invalid strips the BOM and keeps the line
+    ("huge-line", json.dumps(GOOD).encode() + b"\n" + json.dumps(
+        {"instruction": S * (llama_dataset.MAX_LINE_BYTES // len(S) + 1), "response": "x"}).encode()
+     + b"\n", 2, f"line longer than {1 << 20} bytes", 1, 1),
+]
+
+
+@pytest.mark.parametrize("data, lineno, reason, kept, skipped", [
+    *[pytest.param(json.dumps(GOOD).encode() + b"\n" + l + b"\n" + json.dumps(GOOD).encode()
+                   + b"\n", 2, r, 2, 1, id=i) for i, l, r in MALFORMED],
+    *[pytest.param(d, n, r, k, sk, id=i) for i, d, n, r, k, sk in MALFORMED_FILES]])
+def test_guarantee_08_malformed_line_names_file_line_and_reason_without_values(
+        tmp_path, data, lineno, reason, kept, skipped):
+    """RELIABILITY item 8: truncated JSON, a non-object line, wrong types, missing or unknown
+    fields, an empty response, a BOM, invalid UTF-8 and a huge line are each rejected with
+    file:line and the reason, never the record's content; --skip-invalid would skip them (the
+    fuzz tests below hold the loader to this contract on any bytes and any JSON)."""
     path = tmp_path / "data.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + line + b"\n"
-                     + json.dumps(GOOD).encode() + b"\n")
+    path.write_bytes(data)
     with pytest.raises(DatasetError) as e:
         load_examples(path)
     msg = str(e.value)
-    assert msg.startswith(f"{path}:2: ")
+    assert msg.startswith(f"{path}:{lineno}: ")
     assert reason in msg
     assert SECRET not in msg
-    assert "--skip-invalid" in msg
+    assert len(msg) < 400  # a reason, not a record
+    assert "--skip-invalid" in msg or "re-save it" in msg
+    stats = LoadStats()
+    assert len(load_examples(path, skip_invalid=True, stats=stats)) == kept
+    assert stats.skipped_invalid == skipped
 
 
 def test_bom_is_rejected_on_line_1(tmp_path):
@@ -518,23 +591,70 @@ def encode_line(value, ensure_ascii: bool) -> bytes:
     return json.dumps(value, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
 
 
+# objects with arbitrary keys (any text, or the schema's own names) and values of any type
+any_objects = st.dictionaries(st.text(max_size=12) | st.sampled_from(SCHEMA_KEYS), json_values,
+                              max_size=6)
+
 fuzz_lines = st.one_of(
-    st.builds(encode_line, json_values | records | nearly_valid | messages, st.booleans()),
+    st.builds(encode_line, json_values | any_objects | records | nearly_valid | messages,
+              st.booleans()),
     st.binary(max_size=80),
     # valid JSON cut short
     st.builds(lambda b, k: b[: max(0, len(b) - k)],
               st.builds(encode_line, records, st.just(True)), st.integers(1, 10)),
 )
 
+FUZZ_MAX_LINE = 200
+HANG_SECONDS = 10  # loading a few short lines takes milliseconds; this long is a hang
 
-def check_loader_contract(path: Path, n_lines: int, **kw) -> None:
+
+class Hang(AssertionError):
+    pass
+
+
+def _hang(signum, frame):
+    raise Hang(f"the loader did not return within {HANG_SECONDS} s")
+
+
+def counted_lines(data: bytes, max_line_bytes: int = FUZZ_MAX_LINE) -> int:
+    """Lines the loader must either return or count as skipped: every line but blank ones
+    (a BOM on line 1 is stripped first; an over-long line counts even when blank)."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the text after the last newline, when there is none
+    n = 0
+    for i, line in enumerate(lines, 1):
+        if len(line) > max_line_bytes:
+            n += 1
+            continue
+        if i == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
+        n += bool(line.strip())
+    return n
+
+
+def check_loader_contract(path: Path, n_lines: int, skip_invalid: bool = False) -> None:
+    """Valid Examples, or DatasetError naming `file:line` (and no record value); never another
+    exception, never a hang. With --skip-invalid nothing is raised and every non-blank line is
+    either an example or counted as skipped."""
+    stats = LoadStats()
+    signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(HANG_SECONDS)
     try:
-        examples = load_examples(path, max_line_bytes=200, **kw)
+        examples = load_examples(path, max_line_bytes=FUZZ_MAX_LINE, skip_invalid=skip_invalid,
+                                 stats=stats)
     except DatasetError as e:
+        assert not skip_invalid, f"--skip-invalid raised: {e}"
         m = re.match(rf"{re.escape(str(path))}:(\d+): \S", str(e))
         assert m, str(e)
         assert 1 <= int(m.group(1)) <= n_lines
+        assert SECRET not in str(e)
         return
+    finally:
+        signal.alarm(0)
+    if skip_invalid:
+        assert stats.rows + stats.skipped_invalid == counted_lines(path.read_bytes())
+        assert SECRET not in json.dumps(dict(stats.skipped_reasons))
     for ex in examples:
         assert isinstance(ex, Example)
         for text in (ex.instruction, ex.context, ex.response, ex.category):
@@ -556,11 +676,46 @@ def test_fuzz_loader_never_raises_anything_but_dataset_error(tmp_path_factory, l
 
 
 @settings(max_examples=200, deadline=1000)
-@given(data=st.binary(max_size=400))
-def test_fuzz_loader_on_raw_bytes(tmp_path_factory, data):
+@given(data=st.binary(max_size=400) | st.binary(min_size=150, max_size=600), skip=st.booleans())
+def test_fuzz_loader_on_raw_bytes(tmp_path_factory, data, skip):
     path = tmp_path_factory.getbasetemp() / "fuzz_raw.jsonl"
     path.write_bytes(data)
-    check_loader_contract(path, data.count(b"\n") + 1)
+    check_loader_contract(path, data.count(b"\n") + 1, skip_invalid=skip)
+
+
+def test_fuzz_contract_catches_a_raw_exception_and_a_hang(tmp_path, monkeypatch):
+    """The contract is not vacuous: a loader that leaks a raw exception, raises without
+    file:line, skips without counting, or hangs, fails it."""
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"instruction": "a", "response": "b"}\n[1]\n')
+    check_loader_contract(path, 3)
+    check_loader_contract(path, 3, skip_invalid=True)
+    real = llama_dataset.normalize_record
+    monkeypatch.setattr(llama_dataset, "normalize_record",
+                        lambda obj, fmap: obj["instruction"] and real(obj, fmap))
+    with pytest.raises(TypeError):  # [1]["instruction"]: a raw exception, not DatasetError
+        check_loader_contract(path, 3)
+    monkeypatch.setattr(llama_dataset, "normalize_record", real)
+    this = sys.modules[__name__]
+
+    def fake(error=None, sleep=0.0):
+        def load(*args, stats=None, **kwargs):
+            time.sleep(sleep)
+            if error is not None:
+                raise error
+            return []
+        return load
+
+    monkeypatch.setattr(this, "load_examples", fake(error=DatasetError("bad line")))
+    with pytest.raises(AssertionError):  # no file:line
+        check_loader_contract(path, 3)
+    monkeypatch.setattr(this, "load_examples", fake())
+    with pytest.raises(AssertionError):  # --skip-invalid: nothing returned, nothing counted
+        check_loader_contract(path, 3, skip_invalid=True)
+    monkeypatch.setattr(this, "HANG_SECONDS", 1)
+    monkeypatch.setattr(this, "load_examples", fake(sleep=30))
+    with pytest.raises(Hang):
+        check_loader_contract(path, 3)
 
 
 # --------------------------------------------------------------------------------------

@@ -69,9 +69,13 @@ def test_pilot_writes_every_field_with_sane_values(tmp_path, embedded_model_dir,
     assert (out / "final_model" / "adapter_model.safetensors").is_file()
 
 
-def test_train_evaluate_package_verify_chain(tmp_path, embedded_model_dir, monkeypatch, capsys):
-    """The guide's workflow on the CPU, with secrets in the environment: the packaged adapter
-    generates what the trained one does, and no secret reaches any file or archive member."""
+def test_guarantee_15_no_secret_leaves_a_pilot_train_evaluate_package_run(
+        tmp_path, embedded_model_dir, monkeypatch, capsys):
+    """RELIABILITY item 15, and the guide's workflow on the CPU: with WANDB_API_KEY, HF_TOKEN
+    and HUGGING_FACE_HUB_TOKEN set to canary strings, a full dataset report -> pilot -> train
+    (with W&B, offline) -> evaluate -> package -> verify run writes none of them into any file
+    (logs, JSON, W&B run files, model card, archive members) nor prints them; the packaged
+    adapter verifies."""
     for k, v in CANARIES.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -79,6 +83,14 @@ def test_train_evaluate_package_verify_chain(tmp_path, embedded_model_dir, monke
     monkeypatch.chdir(tmp_path)
     data = subset(SFT / "sft_dataset.jsonl", tmp_path / "sft_dataset.jsonl", 120)
     golden = subset(SFT / "golden_set.jsonl", tmp_path / "golden_set.jsonl", 12)
+    printed = []
+
+    assert llama_pilot.main(["--golden-set", str(golden), "--dataset", str(data), "--output-dir",
+                             "pilot_output", "--model-size", "135m", "--no-use-4bit",
+                             "--max-steps", "2", "--eval-steps", "2", "--holdout-ratio", "0.3",
+                             "--max-new-tokens", "8", "--use-wandb"]) == 0
+    assert Path("pilot_output/pilot_evaluation.json").is_file()
+    printed.append(capsys.readouterr())
 
     assert llama_dataset.main(["--dataset", str(data), "--golden-set", str(golden), "--report",
                                "--output", "report.json"]) == 0
@@ -99,11 +111,16 @@ def test_train_evaluate_package_verify_chain(tmp_path, embedded_model_dir, monke
                                "--eval-results", "evaluation_results.json"]) == 0
     archives = list(Path("packages").glob("*.tar.gz"))
     assert len(archives) == 1
-    capsys.readouterr()
+    printed.append(capsys.readouterr())
     assert llama_package.main(["--verify", str(archives[0])]) == 0
+    printed.append(capsys.readouterr())
 
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in written)  # the W&B runs are among the files checked
     assert_no_canary(written)
+    for out in printed:
+        for name, value in CANARIES.items():
+            assert value not in out.out + out.err, f"{name} was printed"
     with tarfile.open(archives[0]) as tar:
         for m in tar.getmembers():
             if m.isfile():

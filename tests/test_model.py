@@ -249,7 +249,13 @@ def _copy_config(tiny_llama_dir, folder: Path) -> None:
             shutil.copy(Path(tiny_llama_dir) / name, folder / name)
 
 
-def test_pickle_weights_are_refused_and_never_unpickled(tiny_llama_dir, tmp_path):
+def test_guarantee_13_pickle_weights_are_refused_and_never_unpickled(tiny_llama_dir, tmp_path,
+                                                                     monkeypatch):
+    """RELIABILITY item 13, no pickle from files we did not write: a model folder holding only
+    pickle weights is refused with a message, its pickle is never executed, and torch.load is
+    never even called on it (transformers alone would torch.load it with weights_only=True; the
+    toolkit does not unpickle such files at all). Adapters: the .bin-only adapter rows of
+    tests/test_cli_errors.py (evaluate and package refuse it)."""
     import torch
 
     folder = tmp_path / "pickle_model"
@@ -263,11 +269,19 @@ def test_pickle_weights_are_refused_and_never_unpickled(tiny_llama_dir, tmp_path
     torch.load(tmp_path / "control.bin", weights_only=False)
     assert control_marker.exists()
 
+    loads = []
+
+    def no_torch_load(*args, **kwargs):
+        loads.append(args[:1])
+        raise AssertionError("torch.load was called on a file the toolkit did not write")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
     with pytest.raises(ModelLoadError) as e:
         llama_model.load_model(str(folder))
     assert "has no safetensors weights" in str(e.value)
     assert "pickle" in str(e.value)
     assert not marker.exists()
+    assert loads == []
 
 
 def test_safetensors_are_used_even_when_a_pickle_sits_beside_them(tiny_llama_dir, tmp_path):
@@ -302,7 +316,17 @@ def _remote_code_folder(tiny_llama_dir, folder: Path, model_type: str, marker: P
     return folder
 
 
-def test_remote_code_is_refused_without_trust_remote_code(tiny_llama_dir, tmp_path):
+def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llama_dir, tmp_path):
+    """RELIABILITY item 14: trust_remote_code is off unless the user passes the flag (the
+    folder's own code never runs), and the choice is recorded in the run config and in the
+    package metadata."""
+    import dataclasses
+
+    import llama_evaluate
+    import llama_package
+    import llama_train
+    from llama_config import ModelArgs, PilotArgs, TrainArgs
+
     marker = tmp_path / "remote_code_ran.marker"
     folder = _remote_code_folder(tiny_llama_dir, tmp_path / "custom", "custom_llama", marker)
 
@@ -320,7 +344,29 @@ def test_remote_code_is_refused_without_trust_remote_code(tiny_llama_dir, tmp_pa
     assert "needs its own code to run; pass --trust-remote-code" in str(e.value)
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         llama_model.load_model(str(folder), trust_remote_code=False)
+    llama_model.load_tokenizer(str(folder))  # a standard tokenizer loads; no code runs
     assert not marker.exists()
+
+    # off by default in every stage; on only through the flag
+    for cls in (ModelArgs, TrainArgs, PilotArgs, llama_evaluate.EvalArgs,
+                llama_package.PackageArgs):
+        default = {f.name: f.default for f in dataclasses.fields(cls)}["trust_remote_code"]
+        assert default is False, cls
+    for module in (llama_train, llama_evaluate, llama_package):
+        parser = module.build_parser()
+        assert parser.parse_args([]).__dict__.get("trust_remote_code", False) is False
+        assert parser.parse_args(["--trust-remote-code"]).trust_remote_code is True
+    # recorded: in the run config later stages read, and in the package metadata
+    for flag in (False, True):
+        run_cfg = llama_train.make_run_config(
+            TrainArgs(model_size="135m", trust_remote_code=flag), stage="train",
+            base_model="smollm2-135m", prompt_format="chat", dataset_info={})
+        assert run_cfg["trust_remote_code"] is flag
+        meta = llama_package.build_metadata(
+            name="x", created="now", base_model="smollm2-135m", model_size="135m",
+            run_cfg=run_cfg, adapter_cfg={}, eval_results=None, trust_remote_code=flag,
+            files={}, merge=None, reference=None)
+        assert meta["trust_remote_code"] is flag
 
 
 def test_auto_map_on_a_known_architecture_loads_the_builtin_class(tiny_llama_dir, tmp_path):

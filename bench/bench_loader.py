@@ -1,0 +1,295 @@
+"""Load check for the data path (GitHub issue 6): time and peak memory of loading, splitting and
+the `llama_dataset.py --report` command on a 200,000-row SFT JSONL.
+
+    python3 bench/bench_loader.py                       # 200,000 rows, the working tree's code
+    python3 bench/bench_loader.py --compare-ref 5fc8a0b # ... and the code of a git revision
+    python3 bench/bench_loader.py --rows 20000 --quick  # a smaller file, no tokenizer subset
+
+The file: GSM8K training rows (../shared/data/gsm8k_train.jsonl, 7,473 rows) repeated with
+variations until --rows: each copy gets a variant tag in the instruction (so no two rows are
+duplicates), every third row a context (another problem, as background), and one of four
+categories. Real lengths: ~70 prompt and ~130 response tokens per row.
+
+Every figure comes from a fresh child process, so one measurement cannot inherit another's
+memory:
+  load      llama_dataset.load_examples(file): wall time, peak RSS, and the peak above the RSS
+            before the call (the parsed records);
+  split     split_examples on the loaded records: wall time and the peak above the RSS before
+            the split (the peak is reset with /proc/self/clear_refs after loading);
+  tokenize  tokenize_examples on the first --tokenize-rows rows (the labels of training), rows
+            and tokens per second; measured on a subset because all rows take minutes here;
+  report    `python3 llama_dataset.py --dataset FILE --report --output R.json` as a user runs
+            it: wall time and peak RSS from wait4(); the same command on a 100-row file gives
+            the baseline (interpreter, transformers, tokenizer), and the difference is what the
+            data costs.
+The bound checked (PASS/FAIL): the report's peak RSS above its 100-row baseline is below
+REPORT_BOUND x the file size: it streams, so it must not hold the file (let alone twice).
+The tokenizer runs single-threaded (TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1), like
+the other benchmarks here, so it does not fight other work for the two cores.
+Results go to stdout and to --out/results.json; bench/RESULTS_loader.md holds the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
+MODULES = ("llama_dataset.py", "llama_config.py", "llama_model.py", "llama_io.py")
+REPORT_BOUND = 0.5   # report peak RSS above its baseline < 0.5 x file size
+CATEGORIES = ("math", "math_word_problem", "arithmetic", "reasoning")
+
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+# --------------------------------------------------------------------------------------
+# The data
+# --------------------------------------------------------------------------------------
+
+
+def make_dataset(path: Path, rows: int, seed: int = 0) -> dict:
+    src = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()]
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            base = src[i % len(src)]
+            copy = i // len(src)
+            row = {"id": f"gsm8k-{i}", "category": CATEGORIES[i % len(CATEGORIES)],
+                   "instruction": base["question"] + (f" (variant {copy})" if copy else ""),
+                   "context": src[rng.randrange(len(src))]["question"] if i % 3 == 0 else "",
+                   "response": base["answer"]}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"rows": rows, "bytes": path.stat().st_size}
+
+
+# --------------------------------------------------------------------------------------
+# Children
+# --------------------------------------------------------------------------------------
+
+# Runs in a fresh interpreter with the code under test first on sys.path. Prints one JSON line.
+CHILD = r'''
+import json, re, sys, time
+sys.path.insert(0, sys.argv[1])
+what, path, extra = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+
+def status(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+import llama_dataset as D
+out = {}
+if what in ("load", "split", "tokenize"):
+    rss0 = status("VmRSS")
+    t0 = time.perf_counter()
+    examples = D.load_examples(path)
+    out["load_seconds"] = time.perf_counter() - t0
+    out["examples"] = len(examples)
+    out["load_peak_mb"] = status("VmHWM")
+    out["load_delta_mb"] = status("VmHWM") - rss0
+    out["held_mb"] = status("VmRSS") - rss0
+if what == "split":
+    rss1 = status("VmRSS")
+    reset_peak()
+    t0 = time.perf_counter()
+    splits, removed = D.split_examples(examples, val_ratio=0.05, test_ratio=0.05)
+    out["split_seconds"] = time.perf_counter() - t0
+    out["split_delta_mb"] = status("VmHWM") - rss1
+    out["splits"] = {k: len(v) for k, v in splits.items()}
+    out["removed"] = removed
+if what == "tokenize":
+    import llama_model
+    tok = llama_model.load_tokenizer("smollm2-135m")
+    subset = examples[: extra["rows"]]
+    del examples
+    stats = D.TokenizeStats()
+    rss1 = status("VmRSS")
+    reset_peak()
+    t0 = time.perf_counter()
+    rows = D.tokenize_examples(subset, tok, max_length=2048, prompt_format="auto", stats=stats)
+    out["tokenize_seconds"] = time.perf_counter() - t0
+    out["tokenize_rows"] = len(subset)
+    out["tokenize_tokens"] = stats.total_tokens
+    out["tokenize_delta_mb"] = status("VmHWM") - rss1
+print(json.dumps(out))
+'''
+
+
+def run_child(code_dir: Path, what: str, path: Path, **extra) -> dict:
+    env = {**os.environ, **CHILD_ENV}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(code_dir), what, str(path),
+                           json.dumps(extra)], capture_output=True, text=True, env=env,
+                          cwd=code_dir)
+    if proc.returncode:
+        raise SystemExit(f"child {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_report_cli(code_dir: Path, path: Path, out_json: Path) -> dict:
+    """`python3 llama_dataset.py --dataset PATH --report --output OUT` in a child; wall time and
+    peak RSS (ru_maxrss from wait4, KiB on Linux)."""
+    if out_json.exists():
+        out_json.unlink()
+    env = {**os.environ, **CHILD_ENV}
+    cmd = [sys.executable, str(code_dir / "llama_dataset.py"), "--dataset", str(path),
+           "--model-size", "135m", "--report", "--output", str(out_json)]
+    log = out_json.with_suffix(".log")
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=code_dir, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise SystemExit(f"report failed ({code}):\n{log.read_text()[-3000:]}")
+    report = json.loads(out_json.read_text())
+    return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024, "examples": report["examples"],
+            "report": {k: report[k] for k in ("examples", "splits", "duplicate_examples",
+                                              "would_truncate", "prompt_tokens",
+                                              "response_tokens", "dataset_hash")}}
+
+
+# --------------------------------------------------------------------------------------
+# The code under test: the working tree, or a git revision's modules
+# --------------------------------------------------------------------------------------
+
+
+def export_revision(ref: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODULES:
+        text = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout
+        (dest / name).write_text(text, encoding="utf-8")
+    return dest
+
+
+def measure(label: str, code_dir: Path, data: Path, small: Path, work: Path,
+            tokenize_rows: int, only_report: bool = False) -> dict:
+    print(f"\n== {label}: {code_dir}", flush=True)
+    res: dict = {"code": str(code_dir)}
+    if only_report:
+        return _measure_report(res, label, code_dir, data, small, work)
+    res["load"] = run_child(code_dir, "load", data)
+    print(f"load_examples   {res['load']['load_seconds']:7.1f} s  peak RSS "
+          f"{res['load']['load_peak_mb']:7.0f} MB  (+{res['load']['load_delta_mb']:.0f} MB for "
+          f"{res['load']['examples']} examples)", flush=True)
+    res["split"] = run_child(code_dir, "split", data)
+    print(f"split_examples  {res['split']['split_seconds']:7.1f} s  peak above the loaded "
+          f"records +{res['split']['split_delta_mb']:.0f} MB  {res['split']['splits']}", flush=True)
+    if tokenize_rows:
+        res["tokenize"] = t = run_child(code_dir, "tokenize", data, rows=tokenize_rows)
+        print(f"tokenize ({t['tokenize_rows']} rows) {t['tokenize_seconds']:6.1f} s  "
+              f"{t['tokenize_rows'] / t['tokenize_seconds']:.0f} rows/s, "
+              f"{t['tokenize_tokens'] / t['tokenize_seconds']:.0f} tokens/s, "
+              f"+{t['tokenize_delta_mb']:.0f} MB", flush=True)
+    return _measure_report(res, label, code_dir, data, small, work)
+
+
+def _measure_report(res: dict, label: str, code_dir: Path, data: Path, small: Path,
+                    work: Path) -> dict:
+    res["report_baseline"] = run_report_cli(code_dir, small, work / f"{label}_small.json")
+    res["report"] = r = run_report_cli(code_dir, data, work / f"{label}_report.json")
+    r["delta_mb"] = r["peak_mb"] - res["report_baseline"]["peak_mb"]
+    print(f"--report (100 rows)     {res['report_baseline']['seconds']:7.1f} s  peak RSS "
+          f"{res['report_baseline']['peak_mb']:7.0f} MB", flush=True)
+    print(f"--report ({r['examples']} rows) {r['seconds']:7.1f} s  peak RSS {r['peak_mb']:7.0f} MB"
+          f"  (+{r['delta_mb']:.0f} MB above the 100-row run)", flush=True)
+    return res
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = ""
+    try:
+        mem = next(line.split(":", 1)[1].strip() for line in open("/proc/meminfo")
+                   if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in load], "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--tokenize-rows", type=int, default=20_000,
+                   help="rows tokenized with tokenize_examples (0: skip)")
+    p.add_argument("--compare-ref", help="also measure llama_dataset & co. at this git revision")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "bench_loader"))
+    p.add_argument("--quick", action="store_true", help="no tokenize subset")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure N times, alternating the revisions (timings on a shared "
+                        "machine vary: compare the fastest of each)")
+    p.add_argument("--only-report", action="store_true", help="measure the report command only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokenize_rows = 0
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    data, small = work / f"sft_{args.rows}.jsonl", work / "sft_100.jsonl"
+    info = make_dataset(data, args.rows)
+    make_dataset(small, 100)
+    mb = info["bytes"] / 2**20
+    print(f"dataset: {data} ({info['rows']} rows, {mb:.1f} MiB)")
+    results = {"machine": machine(), "dataset": {**info, "mb": mb, "path": str(data)},
+               "bound": f"report peak RSS above its 100-row baseline < {REPORT_BOUND} x file size"}
+    codes = {"current": ROOT}
+    if args.compare_ref:
+        codes = {f"at {args.compare_ref}": export_revision(args.compare_ref, work / "ref_code"),
+                 **codes}
+    runs: dict[str, list[dict]] = {label: [] for label in codes}
+    for i in range(args.repeat):
+        for label, code_dir in codes.items():
+            runs[label].append(measure(label.replace(" ", "_"), code_dir, data, small, work,
+                                       args.tokenize_rows if i == 0 else 0, args.only_report))
+    for label, rs in runs.items():
+        results[label] = rs[0]
+        if args.repeat > 1:
+            times = [r["report"]["seconds"] for r in rs]
+            results[label]["report"]["seconds_all"] = times
+            results[label]["report"]["seconds"] = min(times)
+            results[label]["report"]["delta_mb"] = max(r["report"]["delta_mb"] for r in rs)
+            results[label]["report"]["peak_mb"] = max(r["report"]["peak_mb"] for r in rs)
+            print(f"{label}: --report {[round(t, 1) for t in times]} s, fastest {min(times):.1f} s")
+    cur = results["current"]["report"]
+    limit = REPORT_BOUND * mb
+    verdict = "PASS" if cur["delta_mb"] < limit else "FAIL"
+    results["verdict"] = verdict
+    print(f"\n{verdict}: --report peak RSS above baseline {cur['delta_mb']:.0f} MB "
+          f"{'<' if verdict == 'PASS' else '>='} {REPORT_BOUND} x {mb:.0f} MiB = {limit:.0f} MB")
+    if "load" in results["current"]:
+        one_copy = results["current"]["load"]["load_delta_mb"]
+        print(f"(one copy of the parsed records, load_examples: +{one_copy:.0f} MB = "
+              f"{one_copy / mb:.2f} x file size)")
+    if args.compare_ref:
+        before = results[f"at {args.compare_ref}"]["report"]
+        same = before["report"] == cur["report"]
+        results["same_report"] = same
+        print(f"report at {args.compare_ref}: +{before['delta_mb']:.0f} MB, {before['seconds']:.0f} s;"
+              f" now +{cur['delta_mb']:.0f} MB, {cur['seconds']:.0f} s; identical report: {same}")
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {work / 'results.json'}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
