@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -59,6 +60,9 @@ from _common import (BENCH, GSM8K, ROOT, bench_examples, cpu_model_name, fmt_tab
                      sequence_lengths, training_flops)
 
 CONTENDERS = ("ours", "trl_default", "trl_fast", "naive")
+# ours_alt: ours with --alt-flags added to the toolkit's flags, to measure a lever side by side
+# (not in the default set).
+ALL_CONTENDERS = CONTENDERS + ("ours_alt",)
 GPU_ASSETS = BENCH / ".gpu_assets"
 HELDOUT_ROWS = 32
 
@@ -72,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help="Steps not timed (default 3; quick 2).")
     p.add_argument("--timed-steps", type=int, help="Steps timed (default 10; quick 4).")
     p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help=f"Comma-separated subset of {', '.join(CONTENDERS)}.")
+                   help=f"Comma-separated subset of {', '.join(ALL_CONTENDERS)}.")
+    p.add_argument("--alt-flags", default="",
+                   help="ours_alt only: extra llama_train.py flags, e.g. "
+                        "'--attn-implementation sdpa'.")
     p.add_argument("--model", default="embedded", choices=("embedded", "random-tiny", "random-7b"),
                    help="embedded: SmolLM2-135M (CPU). random-7b: LLaMA-7B shapes with random "
                         "weights (--layers of them). random-tiny: 2 layers of 64, a smoke test.")
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores stall at every parallel region; --threads 1 measures compute.")
     p.add_argument("--json-out", help="Write every measurement as JSON here.")
     p.add_argument("--keep-logs", help="Copy each worker's log into this folder.")
-    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=ALL_CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     return p
@@ -196,6 +203,8 @@ def resolve_cfg(args, model_path: str, size: str, max_steps: int, output_dir: Pa
             argv += [flag, str(value)]
     if args.use_4bit:
         argv.append("--use-4bit")
+    if args.worker == "ours_alt":
+        argv += shlex.split(args.alt_flags)
     return resolve_train_config(argv)
 
 
@@ -329,6 +338,33 @@ def max_length_collator(pad_id: int, max_length: int):
     return collate
 
 
+def heldout_loss_fp32(model_path: str, trained, rows, pad_id: int, *, base_only: bool = False):
+    """The held-out loss of a contender's adapter, measured the same way for every contender:
+    its LoRA tensors copied into a fresh fp32 base, no autocast. (Measuring each trained model
+    as it is would also measure its weight dtype: TRL's default keeps the base in fp32, ours in
+    bf16, and fp32 norms and embeddings alone lower the loss.) base_only: the base model's loss
+    (LoRA B is zero at initialisation)."""
+    import copy
+
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from llama_trainer import mean_supervised_loss
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    cfg = copy.deepcopy(trained.peft_config["default"])
+    fresh = get_peft_model(base, cfg)
+    if not base_only:
+        state = {k: v.detach().to(torch.float32) for k, v in
+                 get_peft_model_state_dict(trained).items()}
+        result = set_peft_model_state_dict(fresh, state)
+        if getattr(result, "unexpected_keys", None):
+            raise SystemExit(f"error: LoRA keys not loaded: {result.unexpected_keys[:3]}")
+    loss = mean_supervised_loss(fresh, rows, pad_id, batch_size=8)
+    return loss, "adapter copied into a fresh fp32 base, no autocast"
+
+
 def run_worker(args) -> dict[str, Any]:
     quiet_environment()
     t_start = time.perf_counter()
@@ -371,7 +407,7 @@ def run_worker(args) -> dict[str, Any]:
     trainer = None
     recorder = None
 
-    if args.worker == "ours":
+    if args.worker in ("ours", "ours_alt"):
         from llama_trainer import run_sft
 
         run_config = {"base_model": args.model_path, "config_hash": config_hash(cfg),
@@ -395,7 +431,10 @@ def run_worker(args) -> dict[str, Any]:
         info["settings"] = (f"llama_trainer.run_sft; weights {next(model.parameters()).dtype}, "
                             f"bf16 autocast {bf16}, gradient checkpointing "
                             f"{cfg.gradient_checkpointing}, PadCollator + group_by_length, LM "
-                            f"head at supervised positions")
+                            f"head at supervised positions, attention "
+                            f"{model.get_base_model().config._attn_implementation}"
+                            + (f", extra flags {args.alt_flags!r}"
+                               if args.worker == "ours_alt" else ""))
         info["toolkit_tokens_seen"] = trainer.tokens_seen
     elif args.worker in ("trl_default", "trl_fast"):
         import datasets
@@ -472,6 +511,8 @@ def run_worker(args) -> dict[str, Any]:
         trainer.train()
         model = trainer.model
 
+    # Peak memory of training itself, before the held-out loss below adds its own.
+    train_peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb())
     w, n = args.warmup_steps, len(recorder.t)
     if n < steps:
         raise SystemExit(f"error: {args.worker} ran {n} steps, expected {steps}")
@@ -487,9 +528,18 @@ def run_worker(args) -> dict[str, Any]:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
     k = min(5, args.timed_steps)
     shape = model_shape(model)
-    amp = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
-    with amp:
-        heldout = mean_supervised_loss(model, heldout_rows, tok.pad_token_id, batch_size=8)
+    if device == "cpu" and not args.use_4bit:
+        heldout, heldout_how = heldout_loss_fp32(args.model_path, model, heldout_rows,
+                                                 tok.pad_token_id)
+        if args.worker == "ours":
+            info["heldout_loss_base"], _ = heldout_loss_fp32(args.model_path, model, heldout_rows,
+                                                             tok.pad_token_id, base_only=True)
+    else:
+        amp = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+        with amp:
+            heldout = mean_supervised_loss(model, heldout_rows, tok.pad_token_id, batch_size=8)
+        heldout_how = "the trained model as it is, bf16 autocast"
+    info["heldout_how"] = heldout_how
     info.update(
         steps=n, warmup_steps=w, timed_steps=n - w, window_s=elapsed,
         sec_per_step=elapsed / (n - w),
@@ -506,8 +556,9 @@ def run_worker(args) -> dict[str, Any]:
     info["flops"] = training_flops(shape, processed=info["processed_tokens"],
                                    supervised=info["supervised_tokens"],
                                    causal_pairs=info["causal_pairs"])
-    info["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-                              else peak_rss_mb())
+    info["peak_memory_mb"] = train_peak
+    info["peak_with_heldout_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+                                    else peak_rss_mb())
     info["memory_kind"] = "cuda max_memory_allocated" if device == "cuda" else "peak RSS"
     shutil.rmtree(out_dir, ignore_errors=True)
     return info
@@ -531,6 +582,8 @@ def spawn(args, contender: str, model_path: str, log_dir: Path) -> dict[str, Any
             cmd += ["--" + name.replace("_", "-"), str(v)]
     if args.use_4bit:
         cmd.append("--use-4bit")
+    if args.alt_flags:
+        cmd += ["--alt-flags=" + args.alt_flags]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
@@ -569,9 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: --warmup-steps and --timed-steps must be >= 1")
     rounds = args.rounds or 2
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    bad = [c for c in contenders if c not in CONTENDERS]
+    bad = [c for c in contenders if c not in ALL_CONTENDERS]
     if bad:
-        raise SystemExit(f"error: unknown contender(s) {bad}; choose from {CONTENDERS}")
+        raise SystemExit(f"error: unknown contender(s) {bad}; choose from {ALL_CONTENDERS}")
     if args.device == "cuda":
         import torch
 
@@ -656,10 +709,11 @@ def summarize(args, runs, contenders, peak_note: str, rounds: int) -> dict[str, 
             "tokens_per_row": med([r["processed_tokens"] / (r["timed_steps"] * r["rows_per_step"])
                                    for r in rs]),
             "rss_before_mb": med([r.get("rss_before_train_mb", float("nan")) for r in rs]),
+            "peak_heldout_mb": med([r.get("peak_with_heldout_mb", float("nan")) for r in rs]),
         }
         summary[c] = s
         rows.append([c, s["sup_tok_s"], s["tok_s"], s["sec_per_step"], s["tokens_per_row"],
-                     s["peak_mb"], s["rss_before_mb"],
+                     s["peak_mb"], s["rss_before_mb"], s["peak_heldout_mb"],
                      f"{100 * s['mfu']:.1f}%", f"{s['heldout_loss']:.4f}",
                      f"{s['train_loss']:.4f}", f"{100 * s['pad_share']:.0f}%",
                      f"{100 * s['others_cpu']:.0f}%"])
@@ -670,11 +724,14 @@ def summarize(args, runs, contenders, peak_note: str, rounds: int) -> dict[str, 
                  f"{first['max_length']}, lr {first['learning_rate']}, {first['train_rows']} "
                  f"training rows, LoRA r/alpha/dropout "
                  f"{first['lora']}, {first['threads']} torch threads; memory = "
-                 f"{first['memory_kind']}; held-out loss on {HELDOUT_ROWS} rows (bf16 autocast); "
+                 f"{first['memory_kind']} at the end of training (the held-out loss after it is "
+                 f"not counted); held-out loss on {HELDOUT_ROWS} rows ({first.get('heldout_how', '')}"
+                 f"{'; base model ' + format(first['heldout_loss_base'], '.4f') if first.get('heldout_loss_base') else ''}); "
                  f"train loss = mean of the last {first['last_k']} steps")
     lines.append("")
     lines.append(fmt_table(["contender", "supervised tok/s", "processed tok/s", "s/step",
-                            "tokens/row (timed)", "peak MiB", "MiB before training", "MFU", "held-out loss", "train loss (last k)",
+                            "tokens/row (timed)", "peak MiB (training)", "MiB before training",
+                            "peak MiB with held-out loss", "MFU", "held-out loss", "train loss (last k)",
                             "padding share", "CPU taken by others"], rows))
     lines.append("")
     lines.append("Per-run:")
