@@ -222,7 +222,7 @@ class TrainArgs(ModelArgs, DataArgs):
     attn_implementation: str = _f("auto", "Attention kernel for training: 'auto' (on a CPU "
                                   "'sdpa_recompute': SDPA's memory with eager attention's speed, "
                                   "see llama_attention.py; 'sdpa' on a GPU), 'sdpa', "
-                                  "'sdpa_recompute', 'eager' (fastest on a CPU but keeps "
+                                  "'sdpa_recompute', 'eager' (as fast on a CPU, but keeps "
                                   "T^2 attention weights per layer), or another name transformers "
                                   "accepts (e.g. flash_attention_2 if installed).")
     auto_batch_backoff: bool = _f(False, "On out of memory in a training step, retry that "
