@@ -515,9 +515,13 @@ def make_trainer_class():
             if (self.args.train_sampling_strategy != "group_by_length"
                     or not isinstance(ds, TokenizedDataset)):
                 return super()._get_train_sampler(train_dataset)
+            # Grouped by the global batch (all processes, all micro-batches of a step), so
+            # every process count draws the same rows for each optimizer step: accelerate hands
+            # consecutive per-process batches to consecutive processes.
             return GroupedLengthSampler(
                 [len(r["input_ids"]) for r in ds.rows],
-                self.args.train_batch_size * self.args.gradient_accumulation_steps)
+                self.args.train_batch_size * self.args.gradient_accumulation_steps
+                * max(1, self.args.world_size))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
