@@ -24,6 +24,18 @@ SFT_OUTPUT = ROOT / "sft_output"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def restore_logger():
+    """A script's main() points the toolkit logger at the (captured) stderr of its test: put
+    the logger back afterwards, so the next test does not write to a closed stream."""
+    import logging
+
+    logger = logging.getLogger("llama_sft")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

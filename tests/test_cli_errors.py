@@ -33,14 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-live-CANARY-cli-7d1e"  # sits in malformed lines; must never be printed
 
 
-@pytest.fixture(autouse=True)
-def restore_logger():
-    """The scripts point the toolkit logger at the (captured) stderr of their test."""
-    logger = logging.getLogger("llama_sft")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
 
 # --------------------------------------------------------------------------------------
 # The workspace: inputs, broken inputs and earlier outputs, in one folder per test

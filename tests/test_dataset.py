@@ -31,14 +31,6 @@ SAMPLE_GOLDEN = ROOT / "sft_output" / "golden_set.jsonl"
 SECRET = "sk-live-CANARY-4f9a1c7e"  # must never appear in an error message
 
 
-@pytest.fixture(autouse=True)
-def restore_logger():
-    """llama_dataset.main() points the toolkit logger at the (captured) stderr of its test."""
-    logger = logging.getLogger("llama_sft")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
 
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),

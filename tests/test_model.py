@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import time
@@ -18,14 +17,6 @@ import llama_model
 from llama_model import (COMPLETE_MARKER, EMBEDDED_DIRNAME, ModelLoadError,
                          ensure_embedded_model, model_path, resolve_base_model)
 
-
-@pytest.fixture(autouse=True)
-def restore_logger():
-    """llama_model.main() points the toolkit logger at the (captured) stderr of its test."""
-    logger = logging.getLogger("llama_sft")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 # --------------------------------------------------------------------------------------
