@@ -156,8 +156,11 @@ def per_example_nll(model, rows: Sequence[dict], pad_token_id: int, *,
     The decoder runs on right-padded, length-sorted batches and the LM head only on the
     supervised positions: full logits for every position would take batch x length x vocab x 4
     bytes (16 x 512 x 49k x 4 = 1.6 GB for the embedded model)."""
+    from llama_trainer import PadCollator
+
     if not rows:
         return []
+    collate = PadCollator(pad_token_id)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     device = next(model.parameters()).device
@@ -169,18 +172,10 @@ def per_example_nll(model, rows: Sequence[dict], pad_token_id: int, *,
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                width = max(len(rows[i]["input_ids"]) for i in idx)
-                ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                labels = torch.full((len(idx), width), -100, dtype=torch.long)
-                for row, i in enumerate(idx):
-                    n = len(rows[i]["input_ids"])  # right padding: positions need no shifting
-                    ids[row, :n] = torch.tensor(rows[i]["input_ids"])
-                    labels[row, :n] = torch.tensor(rows[i]["labels"])
-                    mask[row, :n] = 1
-                hidden = decoder(input_ids=ids.to(device),
-                                 attention_mask=mask.to(device)).last_hidden_state
-                target = labels[:, 1:].to(device)  # position t predicts token t + 1
+                batch = collate([rows[i] for i in idx])  # right padding: no position shift
+                hidden = decoder(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+                target = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
                 supervised = target != -100
                 h = hidden[:, :-1][supervised]
                 nll = torch.cat([F.cross_entropy(head(h[s:s + DEFAULT_CHUNK_ROWS]).float(),

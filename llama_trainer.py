@@ -25,6 +25,7 @@ real run) lets tests/test_faults.py kill a run mid-save, break its loss, or run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,10 +450,20 @@ def split_micro_batch(inputs: dict[str, Any], rows: int,
     return parts
 
 
+@contextlib.contextmanager
+def _input_cast_off(layers):
+    saved = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, v in zip(layers, saved):
+            m.cast_input_dtype_enabled = v
+
+
 def make_trainer_class():
     """Our Trainer subclass, built lazily so importing this module stays cheap."""
-    import contextlib
-
     import torch
     import torch.nn.functional as F
     from transformers import Trainer
@@ -487,7 +497,9 @@ def make_trainer_class():
         def _no_lora_input_cast(self, model):
             """peft casts every LoRA input to the adapter's dtype (fp32) and autocast casts it
             back to bf16 for the matmul: under autocast the cast changes nothing but costs a
-            copy per layer that autograd keeps. Off only while autocast is on."""
+            copy per layer that autograd keeps. Off only while autocast is on. (peft's own
+            helpers.disable_input_dtype_casting walks every module twice per call: 7.8 ms per
+            micro-batch on the 135M model; the layer list here is found once.)"""
             if not torch.is_autocast_enabled(self.args.device.type):
                 return contextlib.nullcontext()
             if getattr(self, "_tuner_layers", None) is None:
@@ -495,20 +507,7 @@ def make_trainer_class():
 
                 self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)
                                       and hasattr(m, "cast_input_dtype_enabled")]
-            layers = self._tuner_layers
-
-            @contextlib.contextmanager
-            def off():
-                saved = [m.cast_input_dtype_enabled for m in layers]
-                for m in layers:
-                    m.cast_input_dtype_enabled = False
-                try:
-                    yield
-                finally:
-                    for m, v in zip(layers, saved):
-                        m.cast_input_dtype_enabled = v
-
-            return off()
+            return _input_cast_off(self._tuner_layers)
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -1094,7 +1093,7 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
         model = load_model(run_config["base_model"], use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
                            trust_remote_code=cfg.trust_remote_code, for_training=True)
     attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), device)
-    if attn and getattr(model.config, "_attn_implementation", None) != attn:
+    if getattr(model.config, "_attn_implementation", None) != attn:
         model.set_attn_implementation(attn)
     # LoRA A is initialised from the global RNG: seed first, or two runs with the same --seed
     # start from different adapters.
