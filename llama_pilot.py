@@ -126,17 +126,17 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
 
 
 def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
-    from llama_dataset import (DatasetError, Example, dataset_hash, file_sha256, load_and_validate,
+    from llama_dataset import (DatasetError, dataset_hash, file_sha256, load_and_validate,
                                render_prompt, resolve_prompt_format, split_examples,
                                tokenize_examples)
     from llama_generate import generate
     from llama_model import load_model, load_tokenizer, resolve_base_model
-    from llama_train import (RUN_OUTPUTS, finish_outputs, make_run_config, refuse_earlier_run,
-                             sample_prompts_from)
-    from llama_trainer import mean_supervised_loss, run_sft, write_json_atomic
+    from llama_train import finish_outputs, make_run_config, sample_prompts_from
+    from llama_trainer import (RUN_OUTPUTS, check_output_dir, mean_supervised_loss, run_sft,
+                               write_json_atomic)
 
     output_dir = Path(cfg.output_dir)
-    refuse_earlier_run(output_dir, cfg.resume, RUN_OUTPUTS + ("pilot_evaluation.json",))
+    check_output_dir(output_dir, cfg.resume, RUN_OUTPUTS + ("pilot_evaluation.json",))
     golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
                                   skip_invalid=cfg.skip_invalid, what="--golden-set")
     splits, removed = split_examples(golden, val_ratio=cfg.holdout_ratio, test_ratio=0.0)

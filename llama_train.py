@@ -52,39 +52,17 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from llama_config import (ConfigError, TrainArgs, add_dataclass_args, config_to_dict, log_overrides,
+from llama_config import (ConfigError, TrainArgs, add_dataclass_args, log_overrides,
                           resolve_config, setup_logging, validate)
 from llama_io import ArgumentParser, run_cli
 
 logger = logging.getLogger("llama_sft")
 
 
-# Files a run writes at the top of --output-dir besides metrics.jsonl, final_model/ and
-# checkpoint-*/ (which llama_trainer.check_output_dir looks for): one of these alone still
-# means the folder holds an earlier run, which a new run would partly overwrite.
-RUN_OUTPUTS = ("train_results.json", "test.jsonl", "samples.jsonl", "consumed_ids.jsonl",
-               "loss_curve.png")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="llama_train.py", description=__doc__)
     add_dataclass_args(p, TrainArgs)
     return p
-
-
-def refuse_earlier_run(output_dir: Path, resume: str | None, names: Sequence[str] = RUN_OUTPUTS) -> None:
-    """llama_trainer.check_output_dir, plus the run's other outputs: without --resume, a folder
-    holding any of them is refused before anything is written (RunSetupError, exit 2)."""
-    from llama_trainer import RunSetupError, check_output_dir
-
-    check_output_dir(output_dir, resume)
-    if resume or not output_dir.is_dir():
-        return
-    found = [n for n in names if (output_dir / n).exists()]
-    if found:
-        raise RunSetupError(f"--output-dir {output_dir} already holds {', '.join(found)} from an "
-                            "earlier run. Continue that run with --resume auto, or choose another "
-                            "--output-dir (nothing was overwritten)")
 
 
 def make_run_config(cfg: Any, *, stage: str, base_model: str, prompt_format: str,
@@ -151,12 +129,12 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
                                load_and_validate, resolve_prompt_format, split_examples,
                                tokenize_examples)
     from llama_model import load_tokenizer, resolve_base_model
-    from llama_trainer import is_main_process, run_sft
+    from llama_trainer import check_output_dir, is_main_process, run_sft
 
     if not cfg.dataset:
         raise ConfigError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
     output_dir = Path(cfg.output_dir)
-    refuse_earlier_run(output_dir, cfg.resume)
+    check_output_dir(output_dir, cfg.resume)
     examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
                                              skip_invalid=cfg.skip_invalid)
     golden = []

@@ -909,16 +909,29 @@ class SignalCatcher:
 # --------------------------------------------------------------------------------------
 
 
-def check_output_dir(output_dir: Path, resume: str | None) -> None:
-    """Refuse to write into a folder that already holds a run unless resuming."""
-    if resume:
+# Files a run writes at the top of --output-dir besides checkpoint-*/, final_model/ and
+# metrics.jsonl: one of these alone still means the folder holds an earlier run, which a new run
+# would partly overwrite.
+RUN_OUTPUTS = ("train_results.json", "test.jsonl", "samples.jsonl", CONSUMED_IDS,
+               "loss_curve.png")
+
+
+def check_output_dir(output_dir: Path, resume: str | None,
+                     outputs: Sequence[str] = RUN_OUTPUTS) -> None:
+    """Refuse to write into a folder that already holds a run (its checkpoints, final model or
+    logs, or any of `outputs`) unless resuming: RunSetupError, before anything is written."""
+    if resume or not output_dir.is_dir():
         return
-    if output_dir.exists() and (list_checkpoints(output_dir) or (output_dir / "final_model").exists()
-                                or (output_dir / "metrics.jsonl").exists()
-                                or (output_dir / CONSUMED_IDS).exists()):
+    if (list_checkpoints(output_dir) or (output_dir / "final_model").exists()
+            or (output_dir / "metrics.jsonl").exists() or (output_dir / CONSUMED_IDS).exists()):
         raise RunSetupError(f"--output-dir {output_dir} already holds a training run. Continue it "
                             "with --resume auto, or choose another --output-dir (nothing was "
                             "overwritten)")
+    found = [n for n in outputs if (output_dir / n).exists()]
+    if found:
+        raise RunSetupError(f"--output-dir {output_dir} already holds {', '.join(found)} from an "
+                            "earlier run. Continue that run with --resume auto, or choose another "
+                            "--output-dir (nothing was overwritten)")
 
 
 def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dict[str, Any],

@@ -573,18 +573,17 @@ def test_evaluate_replaces_the_same_evaluation_and_refuses_another_unless_overwr
 
 
 def test_train_and_pilot_resume_into_their_own_folder_is_allowed(ws):
-    from llama_train import RUN_OUTPUTS, refuse_earlier_run
-    from llama_trainer import TrainingError
+    from llama_trainer import RUN_OUTPUTS, TrainingError, check_output_dir
 
     for name in ("stray", "run"):
-        refuse_earlier_run(Path(ws.paths[name]), "auto")  # --resume: no refusal
+        check_output_dir(Path(ws.paths[name]), "auto")  # --resume: no refusal
         with pytest.raises(TrainingError):
-            refuse_earlier_run(Path(ws.paths[name]), None)
-    refuse_earlier_run(Path(ws.paths["new"]), None)  # a new folder
+            check_output_dir(Path(ws.paths[name]), None)
+    check_output_dir(Path(ws.paths["new"]), None)  # a new folder
     empty = Path(ws.paths["ws"]) / "empty_dir"
     empty.mkdir()
     (empty / "unrelated.txt").write_text("x")
-    refuse_earlier_run(empty, None, RUN_OUTPUTS + ("pilot_evaluation.json",))
+    check_output_dir(empty, None, RUN_OUTPUTS + ("pilot_evaluation.json",))
 
 
 def test_dataset_report_replaces_an_earlier_report_and_says_so(ws, tokenizer, capsys):
