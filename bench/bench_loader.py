@@ -42,8 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GSM8K, cpu_model_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
 MODULES = ("llama_dataset.py", "llama_config.py", "llama_model.py", "llama_io.py")
 REPORT_BOUND = 0.5   # report peak RSS above its baseline < 0.5 x file size
 CATEGORIES = ("math", "math_word_problem", "arithmetic", "reasoning")
@@ -210,12 +212,7 @@ def _measure_report(res: dict, label: str, code_dir: Path, data: Path, small: Pa
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model_name()
     mem = ""
     try:
         mem = next(line.split(":", 1)[1].strip() for line in open("/proc/meminfo")

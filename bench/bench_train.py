@@ -407,6 +407,15 @@ def run_worker(args) -> dict[str, Any]:
     trainer = None
     recorder = None
 
+    def instrument(tr, supervised) -> None:
+        """Count the decoder's tokens, time every step; note setup time and RSS so far."""
+        nonlocal recorder
+        decoder_of(tr.model).register_forward_pre_hook(counter, with_kwargs=True)
+        recorder = make_recorder(counter, supervised, device)
+        tr.add_callback(recorder)
+        info["setup_s"] = round(time.perf_counter() - t_start, 1)
+        info["rss_before_train_mb"] = current_rss_mb()
+
     if args.worker in ("ours", "ours_alt"):
         from llama_trainer import run_sft
 
@@ -415,13 +424,8 @@ def run_worker(args) -> dict[str, Any]:
         holder: dict[str, Any] = {}
 
         def on_trainer(tr):
-            nonlocal recorder
             holder["trainer"] = tr
-            decoder_of(tr.model).register_forward_pre_hook(counter, with_kwargs=True)
-            recorder = make_recorder(counter, lambda: tr.supervised_tokens_seen, device)
-            tr.add_callback(recorder)
-            info["setup_s"] = round(time.perf_counter() - t_start, 1)
-            info["rss_before_train_mb"] = current_rss_mb()
+            instrument(tr, lambda: tr.supervised_tokens_seen)
 
         result = run_sft(cfg, output_dir=out_dir / "run", train_rows=train_rows, eval_rows=[],
                          sample_prompts=[], run_config=run_config, tokenizer=tok,
@@ -473,11 +477,7 @@ def run_worker(args) -> dict[str, Any]:
         set_seed(cfg.seed)
         trainer = counting(SFTTrainer)(model=args.model_path, args=conf, train_dataset=ds,
                                        processing_class=tok, peft_config=LoraConfig(**lora_kwargs))
-        decoder_of(trainer.model).register_forward_pre_hook(counter, with_kwargs=True)
-        recorder = make_recorder(counter, lambda: trainer.bench_supervised, device)
-        trainer.add_callback(recorder)
-        info["setup_s"] = round(time.perf_counter() - t_start, 1)
-        info["rss_before_train_mb"] = current_rss_mb()
+        instrument(trainer, lambda: trainer.bench_supervised)
         info["settings"] = (f"trl {__import__('trl').__version__} SFTTrainer; weights "
                             f"{next(trainer.model.parameters()).dtype}, bf16 {conf.bf16}, "
                             f"gradient checkpointing {conf.gradient_checkpointing}, padding_free "
@@ -501,11 +501,7 @@ def run_worker(args) -> dict[str, Any]:
                                     train_dataset=TokenizedDataset(train_rows),
                                     data_collator=max_length_collator(tok.pad_token_id,
                                                                       cfg.max_length))
-        decoder_of(trainer.model).register_forward_pre_hook(counter, with_kwargs=True)
-        recorder = make_recorder(counter, lambda: trainer.bench_supervised, device)
-        trainer.add_callback(recorder)
-        info["setup_s"] = round(time.perf_counter() - t_start, 1)
-        info["rss_before_train_mb"] = current_rss_mb()
+        instrument(trainer, lambda: trainer.bench_supervised)
         info["settings"] = (f"transformers.Trainer; weights {next(model.parameters()).dtype}, "
                             f"bf16 {bf16}, pad to {cfg.max_length}, full logits")
         trainer.train()
