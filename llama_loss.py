@@ -177,10 +177,9 @@ def per_example_nll(model, rows: Sequence[dict], pad_token_id: int, *,
                                  attention_mask=batch["attention_mask"].to(device)).last_hidden_state
                 target = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
                 supervised = target != -100
-                h = hidden[:, :-1][supervised]
+                h, y = hidden[:, :-1][supervised], target[supervised]
                 nll = torch.cat([F.cross_entropy(head(h[s:s + DEFAULT_CHUNK_ROWS]).float(),
-                                                 target[supervised][s:s + DEFAULT_CHUNK_ROWS],
-                                                 reduction="none")
+                                                 y[s:s + DEFAULT_CHUNK_ROWS], reduction="none")
                                  for s in range(0, h.shape[0], DEFAULT_CHUNK_ROWS)]
                                 or [h.new_zeros(0, dtype=torch.float32)])
                 sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
