@@ -40,7 +40,7 @@ def bench_examples(*, n_train: int, n_heldout: int, seed: int = 0,
     """(train, heldout) lists of llama_dataset.Example: GSM8K rows (question -> instruction,
     answer -> response) plus the toolkit's sample data, shuffled with `seed`; the held-out rows
     come from the end of the shuffled list and never overlap the training rows."""
-    from llama_dataset import load_examples
+    from llama_sft.data.loader import load_examples
 
     if not gsm8k.is_file():
         raise SystemExit(f"error: {gsm8k} not found (the GSM8K rows live in ../shared/data/ "

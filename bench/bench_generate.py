@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_mode(model, tok, prompts, *, batch_size: int, max_new_tokens: int):
-    from llama_generate import generate
+    from llama_sft.evaluation.generate import generate
 
     stats: dict = {}
     t0 = time.perf_counter()
@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from llama_dataset import render_prompt, resolve_prompt_format
-    from llama_model import load_model, load_tokenizer
+    from llama_sft.data.prompts import render_prompt, resolve_prompt_format
+    from llama_sft.modeling.load import load_model, load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
     fmt = resolve_prompt_format(tok, "auto")

@@ -55,9 +55,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BENCH, GSM8K, ROOT, bench_examples, cpu_model_name, fmt_table,  # noqa: E402
-                     matmul_peak_flops, model_shape, peak_rss_mb, quiet_environment,
-                     sequence_lengths, training_flops)
+from _common import (  # noqa: E402
+    BENCH,
+    GSM8K,
+    ROOT,
+    bench_examples,
+    cpu_model_name,
+    fmt_table,
+    matmul_peak_flops,
+    model_shape,
+    peak_rss_mb,
+    quiet_environment,
+    sequence_lengths,
+    training_flops,
+)
 
 CONTENDERS = ("ours", "trl_default", "trl_fast", "naive")
 # ours_alt: ours with --alt-flags added to the toolkit's flags, to measure a lever side by side
@@ -123,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def bench_tokenizer():
     """The embedded model's tokenizer; on a machine without the embedded model (a GPU box), the
     copy that `bench/gpu_check.sh prepare` put in bench/.gpu_assets/tokenizer."""
-    from llama_model import ModelLoadError, load_tokenizer
+    from llama_sft.errors import ModelLoadError
+    from llama_sft.modeling.load import load_tokenizer
 
     try:
         return load_tokenizer("smollm2-135m")
@@ -158,13 +170,13 @@ def random_model_config(name: str, layers: int | None, vocab_size: int, tok):
 def ensure_model(args) -> tuple[str, str]:
     """(path the workers load, model size whose config defaults apply)."""
     if args.model == "embedded":
-        from llama_model import ensure_embedded_model
+        from llama_sft.modeling.embedded import ensure_embedded_model
 
         return str(ensure_embedded_model()), "135m"
     import torch
     from transformers import LlamaForCausalLM
 
-    from llama_model import cache_root
+    from llama_sft.modeling.embedded import cache_root
 
     tok = bench_tokenizer()
     cfg = random_model_config(args.model, args.layers, len(tok), tok)
@@ -313,7 +325,7 @@ def decoder_of(model):
 def conversational(examples) -> list[dict[str, Any]]:
     """The same rows as TRL's conversational prompt/completion format (the chat template the
     toolkit uses for this tokenizer; TRL then trains on the completion only by default)."""
-    from llama_dataset import user_message
+    from llama_sft.data.prompts import user_message
 
     return [{"prompt": [{"role": "user", "content": user_message(ex.instruction, ex.context)}],
              "completion": [{"role": "assistant", "content": ex.response}]} for ex in examples]
@@ -347,10 +359,14 @@ def heldout_loss_fp32(model_path: str, trained, rows, pad_id: int, *, base_only:
     import copy
 
     import torch
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import (
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from transformers import AutoModelForCausalLM
 
-    from llama_trainer import mean_supervised_loss
+    from llama_sft.modeling.loss import mean_supervised_loss
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     cfg = copy.deepcopy(trained.peft_config["default"])
@@ -374,9 +390,11 @@ def run_worker(args) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     from transformers import set_seed
 
-    from llama_dataset import tokenize_examples
-    from llama_model import cpu_has_bf16
-    from llama_trainer import TokenizedDataset, config_hash, mean_supervised_loss
+    from llama_sft.data.batching import TokenizedDataset
+    from llama_sft.data.tokenize import tokenize_examples
+    from llama_sft.layout import config_hash
+    from llama_sft.modeling.load import cpu_has_bf16
+    from llama_sft.modeling.loss import mean_supervised_loss
 
     device = args.device
     steps = args.warmup_steps + args.timed_steps
@@ -417,7 +435,7 @@ def run_worker(args) -> dict[str, Any]:
         info["rss_before_train_mb"] = current_rss_mb()
 
     if args.worker in ("ours", "ours_alt"):
-        from llama_trainer import run_sft
+        from llama_sft.training.recipe import run_sft
 
         run_config = {"base_model": args.model_path, "config_hash": config_hash(cfg),
                       "dataset": {"dataset_hash": "bench"}}

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_variant(name: str, spec) -> dict[str, Any]:
     import torch
 
-    from llama_model import add_lora, load_model
+    from llama_sft.modeling.load import add_lora, load_model
 
     dropout = 0.05 if name == "dropout_0.05" else spec.lora_dropout
     model = load_model("smollm2-135m", for_training=True)
@@ -233,10 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_environment()
     import torch
 
-    from llama_config import get_spec
-    from llama_dataset import tokenize_examples
-    from llama_model import load_tokenizer
-    from llama_trainer import PadCollator
+    from llama_sft.config import get_spec
+    from llama_sft.data.batching import PadCollator
+    from llama_sft.data.tokenize import tokenize_examples
+    from llama_sft.modeling.load import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

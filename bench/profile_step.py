@@ -61,10 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from llama_dataset import tokenize_examples
-    from llama_model import ensure_embedded_model, load_tokenizer
+    from llama_sft.data.tokenize import tokenize_examples
+    from llama_sft.layout import config_hash
+    from llama_sft.modeling.embedded import ensure_embedded_model
+    from llama_sft.modeling.load import load_tokenizer
+    from llama_sft.training.recipe import run_sft
     from llama_train import resolve_train_config
-    from llama_trainer import config_hash, run_sft
 
     out = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     steps = args.warmup_steps + 1

@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from llama_sft.modeling.embedded import ensure_embedded_model
+from llama_sft.modeling.load import load_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -48,16 +51,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct folder (converted once into the user cache)."""
-    import llama_model
 
-    return llama_model.ensure_embedded_model()
+    return ensure_embedded_model()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_model_dir):
-    import llama_model
 
-    return llama_model.load_tokenizer("smollm2-135m")
+    return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import llama_attention
+from llama_sft.modeling.attention import recompute_attention_forward, register
 
 
 class Module:
@@ -40,7 +40,7 @@ def test_values_and_gradients_match_sdpa(dtype, tol, masked):
     w = torch.randn(b, t, hq, d, generator=g)
     mask = padded_causal_mask([40, 23, 7], t) if masked else None
     want = run(sdpa_attention_forward, q0, k0, v0, mask, w)
-    got = run(llama_attention.recompute_attention_forward, q0, k0, v0, mask, w)
+    got = run(recompute_attention_forward, q0, k0, v0, mask, w)
     for name, a, c in zip(("output", "dq", "dk", "dv"), want, got):
         assert ((a - c).norm() / a.norm()) < tol, name
         assert torch.isfinite(c).all(), name
@@ -50,7 +50,7 @@ def test_without_gradients_it_is_sdpa_itself():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (6, 2, 2))
     with torch.no_grad():
-        a, _ = llama_attention.recompute_attention_forward(Module(), q, k, v, None)
+        a, _ = recompute_attention_forward(Module(), q, k, v, None)
         c, _ = sdpa_attention_forward(Module(), q, k, v, None)
     assert torch.equal(a, c)
 
@@ -58,7 +58,7 @@ def test_without_gradients_it_is_sdpa_itself():
 def test_training_a_model_with_it_gives_sdpas_loss_and_gradients(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    name = llama_attention.register()
+    name = register()
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, 15:] = 0

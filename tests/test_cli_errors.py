@@ -29,6 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from llama_sft.config import EvalArgs
+from llama_sft.evaluation.evaluate import check_earlier_results, output_problems
+
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-live-CANARY-cli-7d1e"  # sits in malformed lines; must never be printed
 
@@ -541,44 +544,46 @@ def test_misspelt_flag_suggestion_and_unknown_flag_without_one(capsys):
 
 
 def test_evaluate_replaces_the_same_evaluation_and_refuses_another_unless_overwrite(ws, caplog):
-    import llama_evaluate
-    from llama_config import ConfigError
+    from llama_sft.errors import ConfigError
 
     out = Path(ws.paths["results"])
-    cfg = llama_evaluate.EvalArgs(adapter_path=ws.paths["adapter"], dataset=ws.paths["good"],
+    cfg = EvalArgs(adapter_path=ws.paths["adapter"], dataset=ws.paths["good"],
                                   output=str(out))
-    assert llama_evaluate.output_problems(cfg) == []  # our own results file: not refused here
+    assert output_problems(cfg) == []  # our own results file: not refused here
     same = {"base_model": "smollm2-135m", "adapter_sha256": "ab" * 32, "dataset_sha": "cd" * 32}
     with caplog.at_level(logging.WARNING, logger="llama_sft"):
         logging.getLogger("llama_sft").propagate = True
-        llama_evaluate.check_earlier_results(cfg, base_model=same["base_model"],
+        check_earlier_results(cfg, base_model=same["base_model"],
                                              adapter_sha=same["adapter_sha256"],
                                              dataset_sha=same["dataset_sha"])
     assert "same adapter on the same data" in caplog.text
     with pytest.raises(ConfigError, match="holds the results of another evaluation"):
-        llama_evaluate.check_earlier_results(cfg, base_model="smollm2-135m",
+        check_earlier_results(cfg, base_model="smollm2-135m",
                                              adapter_sha="ef" * 32, dataset_sha="cd" * 32)
     with pytest.raises(ConfigError, match="another evaluation"):  # same adapter, other data
-        llama_evaluate.check_earlier_results(cfg, base_model="smollm2-135m",
+        check_earlier_results(cfg, base_model="smollm2-135m",
                                              adapter_sha="ab" * 32, dataset_sha="00" * 32)
     cfg.overwrite = True
-    llama_evaluate.check_earlier_results(cfg, base_model="smollm2-135m", adapter_sha="ef" * 32,
+    check_earlier_results(cfg, base_model="smollm2-135m", adapter_sha="ef" * 32,
                                          dataset_sha="cd" * 32)
     cfg.output = ws.paths["notes_json"]
-    assert llama_evaluate.output_problems(cfg) == []  # --overwrite: any file may be replaced
+    assert output_problems(cfg) == []  # --overwrite: any file may be replaced
     cfg.output = ws.paths["good"]
-    assert "is the --dataset file" in llama_evaluate.output_problems(cfg)[0]  # never that one
+    assert "is the --dataset file" in output_problems(cfg)[0]  # never that one
     cfg.overwrite, cfg.output = False, str(Path(ws.paths["new"]) / "fresh.json")
-    assert llama_evaluate.output_problems(cfg) == []
+    assert output_problems(cfg) == []
 
 
 def test_train_and_pilot_resume_into_their_own_folder_is_allowed(ws):
-    from llama_trainer import RUN_OUTPUTS, TrainingError, check_output_dir
+    from llama_sft.errors import BadInput, RunSetupError
+    from llama_sft.layout import RUN_OUTPUTS
+    from llama_sft.training.outputs import check_output_dir
 
     for name in ("stray", "run"):
         check_output_dir(Path(ws.paths[name]), "auto")  # --resume: no refusal
-        with pytest.raises(TrainingError):
+        with pytest.raises(RunSetupError) as refused:
             check_output_dir(Path(ws.paths[name]), None)
+        assert isinstance(refused.value, BadInput)  # exit 2, not a failed run
     check_output_dir(Path(ws.paths["new"]), None)  # a new folder
     empty = Path(ws.paths["ws"]) / "empty_dir"
     empty.mkdir()
@@ -602,9 +607,8 @@ def test_dataset_report_replaces_an_earlier_report_and_says_so(ws, tokenizer, ca
 
 
 def test_run_cli_maps_errors_to_one_line_and_an_exit_status(capsys):
-    from llama_config import ConfigError
-    from llama_io import run_cli
-    from llama_trainer import TrainingError
+    from llama_sft.cli import run_cli
+    from llama_sft.errors import ConfigError, TrainingError
 
     def raising(exc):
         def body():
@@ -620,7 +624,7 @@ def test_run_cli_maps_errors_to_one_line_and_an_exit_status(capsys):
               "error: /x/z: No space left on device"),
              (KeyboardInterrupt(), 130, "error: interrupted (Ctrl-C)")]
     for exc, code, line in cases:
-        assert run_cli(raising(exc), failed=(TrainingError,)) == code
+        assert run_cli(raising(exc)) == code
         assert capsys.readouterr().err == line + "\n"
     with pytest.raises(SystemExit):  # argparse's exit and --help pass through
         run_cli(raising(SystemExit(2)))
@@ -630,7 +634,7 @@ def test_run_cli_maps_errors_to_one_line_and_an_exit_status(capsys):
 
 
 def test_safetensors_problem_reads_only_the_header(tmp_path):
-    from llama_io import safetensors_problem
+    from llama_sft.files import safetensors_problem
 
     good = write_safetensors(tmp_path / "a.safetensors")
     assert safetensors_problem(good) is None

@@ -10,8 +10,18 @@ import re
 import pytest
 
 import llama_config
-from llama_config import (MODEL_SPECS, ConfigError, ModelSpec, TrainArgs, build_parser,
-                          estimate_memory, get_spec, main, resolve_config, validate)
+import llama_sft.memory
+from llama_config import build_parser, main
+from llama_sft.config import (
+    MODEL_SPECS,
+    ModelSpec,
+    TrainArgs,
+    get_spec,
+    resolve_config,
+    validate,
+)
+from llama_sft.errors import ConfigError
+from llama_sft.memory import estimate_memory
 
 GIB_IN_GB = 1024**3 / 1e9  # the estimate is in GiB; published tables say "GB"
 
@@ -431,7 +441,7 @@ def parse_estimate_table(out: str) -> dict[str, float]:
 
 
 def test_estimate_cli_prints_the_table(monkeypatch, capsys):
-    monkeypatch.setattr(llama_config, "detect_gpus", lambda: [])
+    monkeypatch.setattr(llama_sft.memory, "detect_gpus", lambda: [])
     assert main(["--model-size", "13b", "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "Memory estimate for 13b (13.02B params), batch 2 x 2048 tokens, LoRA r=32" in out
@@ -445,7 +455,7 @@ def test_estimate_cli_prints_the_table(monkeypatch, capsys):
 
 
 def test_estimate_cli_follows_flags_and_recommends_what_fits(monkeypatch, capsys):
-    monkeypatch.setattr(llama_config, "detect_gpus", lambda: [("NVIDIA A100-SXM4-80GB", 79.3)])
+    monkeypatch.setattr(llama_sft.memory, "detect_gpus", lambda: [("NVIDIA A100-SXM4-80GB", 79.3)])
     assert main(["--model-size", "7b", "--estimate", "--batch-size", "1", "--max-length",
                  "512", "--lora-r", "8"]) == 0
     out = capsys.readouterr().out
@@ -455,6 +465,6 @@ def test_estimate_cli_follows_flags_and_recommends_what_fits(monkeypatch, capsys
         get_spec("7b"), "lora", batch_size=1, seq_len=512, lora_r=8).total_gb, abs=0.051)
     assert "Fits: lora, qlora-8bit, qlora. Recommended: lora" in out
 
-    monkeypatch.setattr(llama_config, "detect_gpus", lambda: [("RTX 3090", 24.0)])
+    monkeypatch.setattr(llama_sft.memory, "detect_gpus", lambda: [("RTX 3090", 24.0)])
     assert main(["--model-size", "70b", "--estimate"]) == 0
     assert "Nothing fits one GPU" in capsys.readouterr().out

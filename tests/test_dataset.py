@@ -20,10 +20,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llama_dataset
-from llama_dataset import (IGNORE_TOKEN_ID, INSTRUCTION_TEMPLATE,
-                           INSTRUCTION_TEMPLATE_WITH_CONTEXT, DatasetError, Example, LoadStats,
-                           TokenizeStats, build_report, load_and_validate, load_examples,
-                           render_prompt, split_examples, tokenize_examples)
+import llama_sft.data.loader
+from llama_sft.data.loader import (
+    MAX_LINE_BYTES,
+    LoadStats,
+    load_and_validate,
+    load_examples,
+)
+from llama_sft.data.prompts import (
+    INSTRUCTION_TEMPLATE,
+    INSTRUCTION_TEMPLATE_WITH_CONTEXT,
+    render_prompt,
+    resolve_prompt_format,
+)
+from llama_sft.data.report import build_report, format_report
+from llama_sft.data.schemas import Example, normalize_record
+from llama_sft.data.splits import split_examples
+from llama_sft.data.tokenize import IGNORE_TOKEN_ID, TokenizeStats, tokenize_examples
+from llama_sft.errors import DatasetError
+from llama_sft.training.train import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "sft_output" / "sft_dataset.jsonl"
@@ -192,12 +207,12 @@ def test_instruction_template_text(tokenizer):
 
 
 def test_auto_format_follows_the_chat_template(tokenizer):
-    assert llama_dataset.resolve_prompt_format(tokenizer, "auto") == "chat"
+    assert resolve_prompt_format(tokenizer, "auto") == "chat"
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
-    assert llama_dataset.resolve_prompt_format(plain, "auto") == "instruction"
+    assert resolve_prompt_format(plain, "auto") == "instruction"
     with pytest.raises(DatasetError, match="no chat template"):
-        llama_dataset.resolve_prompt_format(plain, "chat")
+        resolve_prompt_format(plain, "chat")
 
 
 # --------------------------------------------------------------------------------------
@@ -211,8 +226,9 @@ def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
     response (which keeps its EOS); an example with no room for a supervised token is dropped
     and counted; the same counts appear in the dataset report and in the training log and
     run_config.json."""
+    import llama_sft.training.train
+
     import llama_train
-    import llama_trainer
 
     long_context = Example("Summarize the passage.", "word " * 600, "A short summary.")
     no_room = Example("word " * 200, "", "response")
@@ -238,7 +254,7 @@ def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
     report = build_report(load_examples(path), tokenizer, path=str(path), max_length=128,
                           prompt_format="auto", val_ratio=0.0, test_ratio=0.0)
     assert (report["would_truncate"], report["would_drop_no_supervised_tokens"]) == (2, 1)
-    assert "2 would be truncated, 1 would be dropped" in llama_dataset.format_report(report)
+    assert "2 would be truncated, 1 would be dropped" in format_report(report)
 
     # ... and so do the training log and run_config.json (stopped before any model is loaded)
     class Stop(Exception):
@@ -250,7 +266,7 @@ def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
         seen.update(kw)
         raise Stop
 
-    monkeypatch.setattr(llama_trainer, "run_sft", stop_before_training)
+    monkeypatch.setattr(llama_sft.training.train, "run_sft", stop_before_training)
     cfg = llama_train.resolve_train_config([
         "--model-size", "135m", "--base-model", str(tiny_llama_dir), "--dataset", str(path),
         "--output-dir", str(tmp_path / "run"), "--max-length", "128", "--val-ratio", "0",
@@ -258,7 +274,7 @@ def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
     logger = logging.getLogger("llama_sft")
     monkeypatch.setattr(logger, "propagate", True)
     with caplog.at_level(logging.INFO, logger="llama_sft"), pytest.raises(Stop):
-        llama_train.run_train(cfg)
+        run_train(cfg)
     assert "truncated: 1 context, 0 response; dropped (no supervised token): 1" in caplog.text
     tokenization = seen["run_config"]["dataset"]["tokenization"]
     assert (tokenization["context_truncated"], tokenization["dropped_no_supervised_tokens"]) == (1, 1)
@@ -432,7 +448,7 @@ MALFORMED_FILES = [
     ("bom", b"\xef\xbb\xbf" + json.dumps({**GOOD, "context": S}).encode() + b"\n", 1,
      "byte-order mark (BOM)", 1, 0),  # --skip-invalid strips the BOM and keeps the line
     ("huge-line", json.dumps(GOOD).encode() + b"\n" + json.dumps(
-        {"instruction": S * (llama_dataset.MAX_LINE_BYTES // len(S) + 1), "response": "x"}).encode()
+        {"instruction": S * (MAX_LINE_BYTES // len(S) + 1), "response": "x"}).encode()
      + b"\n", 2, f"line longer than {1 << 20} bytes", 1, 1),
 ]
 
@@ -487,7 +503,7 @@ def test_huge_line_is_rejected_without_reading_it_whole(tmp_path):
     assert len(load_examples(path, max_line_bytes=size)) == 1
     with pytest.raises(DatasetError, match=f"line longer than {size - 1} bytes"):
         load_examples(path, max_line_bytes=size - 1)
-    assert llama_dataset.MAX_LINE_BYTES == 1 << 20
+    assert MAX_LINE_BYTES == 1 << 20
 
 
 def test_missing_file_folder_and_empty_file(tmp_path):
@@ -682,12 +698,12 @@ def test_fuzz_contract_catches_a_raw_exception_and_a_hang(tmp_path, monkeypatch)
     path.write_bytes(b'{"instruction": "a", "response": "b"}\n[1]\n')
     check_loader_contract(path, 3)
     check_loader_contract(path, 3, skip_invalid=True)
-    real = llama_dataset.normalize_record
-    monkeypatch.setattr(llama_dataset, "normalize_record",
+    real = normalize_record
+    monkeypatch.setattr(llama_sft.data.loader, "normalize_record",
                         lambda obj, fmap: obj["instruction"] and real(obj, fmap))
     with pytest.raises(TypeError):  # [1]["instruction"]: a raw exception, not DatasetError
         check_loader_contract(path, 3)
-    monkeypatch.setattr(llama_dataset, "normalize_record", real)
+    monkeypatch.setattr(llama_sft.data.loader, "normalize_record", real)
     this = sys.modules[__name__]
 
     def fake(error=None, sleep=0.0):

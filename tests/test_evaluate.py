@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 import llama_evaluate
-from llama_metrics import GSM8K_ANSWER_REGEX, METRIC_NAMES
+from llama_sft.config import EvalArgs
+from llama_sft.evaluation.evaluate import evaluation_order, run_evaluate
+from llama_sft.evaluation.metrics import GSM8K_ANSWER_REGEX, METRIC_NAMES
+from llama_sft.files import sha256_file
+from llama_sft.modeling.load import add_lora, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "sft_output" / "golden_set.jsonl"
@@ -22,11 +26,10 @@ def make_adapter(base_dir: str | Path, out_dir: Path, *, lora_b_std: float, seed
     random (so it changes the outputs), the tokenizer, and run_config.json."""
     import torch
 
-    import llama_model
 
-    model = llama_model.load_model(str(base_dir), dtype=torch.float32)
-    tokenizer = llama_model.load_tokenizer(str(base_dir))
-    model = llama_model.add_lora(model, r=8, alpha=16, dropout=0.0)
+    model = load_model(str(base_dir), dtype=torch.float32)
+    tokenizer = load_tokenizer(str(base_dir))
+    model = add_lora(model, r=8, alpha=16, dropout=0.0)
     torch.manual_seed(seed)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -83,7 +86,7 @@ def test_end_to_end_results_and_samples(evaluated, tiny_adapter, tiny_llama_dir)
     model = result["model"]
     assert model["adapter_path"] == str(tiny_adapter)
     assert model["base_model"] == str(tiny_llama_dir)  # from run_config.json
-    assert model["adapter_sha256"] == llama_evaluate.sha256_file(tiny_adapter / "adapter_model.safetensors")
+    assert model["adapter_sha256"] == sha256_file(tiny_adapter / "adapter_model.safetensors")
     ds = result["dataset"]
     assert ds["path"] == str(GOLDEN) and ds["examples_in_file"] == 150 and ds["examples_evaluated"] == 6
     assert len(ds["file_sha256"]) == 64 and ds["dataset_hash"]
@@ -135,17 +138,17 @@ def test_table_is_printed(tiny_adapter, tmp_path, capsys):
 
 def test_batched_generation_equals_one_at_a_time(tiny_adapter, tmp_path):
     """--batch-size 16 (left-padded batches) and --batch-size 1 give the same greedy texts."""
-    from llama_config import setup_logging
+    from llama_sft.cli import setup_logging
 
     setup_logging()  # an earlier main() may have bound the log handler to a closed capture
     texts = {}
     ppl = {}
     for batch_size in (16, 1):
         out = tmp_path / f"b{batch_size}.json"
-        cfg = llama_evaluate.EvalArgs(adapter_path=str(tiny_adapter), dataset=str(GOLDEN),
+        cfg = EvalArgs(adapter_path=str(tiny_adapter), dataset=str(GOLDEN),
                                       output=str(out), num_samples=8, max_new_tokens=12,
                                       batch_size=batch_size)
-        result = llama_evaluate.run_evaluate(cfg)  # run_* directly, as the pilot would
+        result = run_evaluate(cfg)  # run_* directly, as the pilot would
         assert result["config"]["batch_size"] == batch_size
         rows = [json.loads(x) for x in out.with_name(f"b{batch_size}_samples.jsonl").read_text().splitlines()]
         texts[batch_size] = [r["generation"] for r in rows]
@@ -178,15 +181,15 @@ def test_field_map_and_answer_regex_on_gsm8k_shaped_data(tiny_adapter, tmp_path)
 
 
 def test_evaluation_order_is_round_robin_and_file_order_independent():
-    from llama_dataset import load_and_validate
+    from llama_sft.data.loader import load_and_validate
 
     examples, _ = load_and_validate(str(GOLDEN))
-    order = llama_evaluate.evaluation_order(examples)
+    order = evaluation_order(examples)
     assert len(order) == len(examples)
     assert len({ex.category for ex in order[:6]}) == 6
     shuffled = list(examples)
     random.Random(0).shuffle(shuffled)
-    assert [ex.id for ex in llama_evaluate.evaluation_order(shuffled)] == [ex.id for ex in order]
+    assert [ex.id for ex in evaluation_order(shuffled)] == [ex.id for ex in order]
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line

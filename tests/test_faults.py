@@ -31,10 +31,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import adapter_tensors, tiny_args
 
 import llama_train
-import llama_trainer
-from test_train import adapter_tensors, tiny_args
+from llama_sft.errors import NonFiniteWeightsError
+from llama_sft.files import verify_checkpoint
+from llama_sft.layout import CONSUMED_IDS, MANIFEST
+from llama_sft.training.checkpoints import latest_good_checkpoint, list_checkpoints
+from llama_sft.training.train import run_train
+from llama_sft.training.trainer import is_out_of_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "llama_train.py"
@@ -121,7 +126,7 @@ def last_logged_step(run: Path) -> int:
 
 
 def consumed(run: Path) -> list[tuple[int, list[str]]]:
-    return [(r["step"], r["ids"]) for r in records(run / llama_trainer.CONSUMED_IDS)]
+    return [(r["step"], r["ids"]) for r in records(run / CONSUMED_IDS)]
 
 
 def optimizer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -213,7 +218,7 @@ def killed_at_random_step(work, tiny_llama_dir, reference) -> Killed:
     child.proc.send_signal(signal.SIGKILL)
     rc = child.wait()
     logged = last_logged_step(child.out)
-    latest = llama_trainer.latest_good_checkpoint(child.out)
+    latest = latest_good_checkpoint(child.out)
     before = consumed(child.out)
     run_here(argv + ["--resume", "auto"])
     res = json.loads((child.out / "train_results.json").read_text())
@@ -287,8 +292,8 @@ def killed_mid_save(work, tiny_llama_dir, reference) -> KilledMidSave:
     rc = child.wait()
     names = {p.name for p in child.out.iterdir()}
     staging_files = {p.name for p in staging.iterdir()} if staging.is_dir() else set()
-    problem = llama_trainer.verify_checkpoint(child.out / "checkpoint-2")
-    latest = llama_trainer.latest_good_checkpoint(child.out)
+    problem = verify_checkpoint(child.out / "checkpoint-2")
+    latest = latest_good_checkpoint(child.out)
     _, log = run_here(argv + ["--resume", "auto"])
     res = json.loads((child.out / "train_results.json").read_text())
     return KilledMidSave(child.out, rc, names, staging_files, problem,
@@ -301,7 +306,7 @@ def test_guarantee_03_kill9_during_checkpoint_save_leaves_no_partial_checkpoint(
     # The half-written save exists only under its temporary name...
     assert ".checkpoint-4.tmp" in k.names_after_kill
     assert "adapter_model.safetensors" in k.staging_files
-    assert llama_trainer.MANIFEST not in k.staging_files and "optimizer.pt" not in k.staging_files
+    assert MANIFEST not in k.staging_files and "optimizer.pt" not in k.staging_files
     # ...so no folder with a checkpoint's name is incomplete, and resume picks the previous one.
     assert "checkpoint-4" not in k.names_after_kill
     assert k.latest_good_after_kill == "checkpoint-2"
@@ -322,8 +327,8 @@ def test_guarantee_04_kill9_mid_save_keeps_the_previous_good_checkpoint(killed_m
     and retention after the resumed run keeps exactly the newest."""
     k = killed_mid_save
     assert "checkpoint-2" in k.names_after_kill and k.previous_problem is None
-    assert [c.name for c in llama_trainer.list_checkpoints(k.out)] == [f"checkpoint-{MAX_STEPS}"]
-    assert llama_trainer.verify_checkpoint(k.out / f"checkpoint-{MAX_STEPS}") is None
+    assert [c.name for c in list_checkpoints(k.out)] == [f"checkpoint-{MAX_STEPS}"]
+    assert verify_checkpoint(k.out / f"checkpoint-{MAX_STEPS}") is None
 
 
 def test_guarantee_03_truncated_file_in_an_explicit_resume_is_a_clear_error(
@@ -367,8 +372,8 @@ def test_guarantee_05_signal_saves_a_complete_checkpoint_exits_with_its_code_and
     assert res["status"] == f"interrupted by {sig.name}" and res["exit_code"] == code
     assert 5 <= stopped < MAX_STEPS
     # The step in flight was finished and saved completely.
-    assert llama_trainer.verify_checkpoint(child.out / f"checkpoint-{stopped}") is None
-    assert llama_trainer.latest_good_checkpoint(child.out).name == f"checkpoint-{stopped}"
+    assert verify_checkpoint(child.out / f"checkpoint-{stopped}") is None
+    assert latest_good_checkpoint(child.out).name == f"checkpoint-{stopped}"
     assert not (child.out / "final_model").exists()
     assert "--resume auto" in child.text()
     run_here(argv + ["--resume", "auto"])
@@ -389,10 +394,10 @@ def test_guarantee_06_non_finite_loss_stops_naming_the_step_and_no_checkpoint_ho
     out, err = run_here(argv_for(work, tiny_llama_dir, f"nonfinite-{kind}"), expect=1)
     assert f"error: the loss became {kind} at step 3" in err
     assert [s for s, _ in loss_steps(out)] == [1, 2]  # stopped before step 3's update
-    ckpts = llama_trainer.list_checkpoints(out)
+    ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["checkpoint-2"]
     for c in ckpts:
-        assert llama_trainer.verify_checkpoint(c) is None
+        assert verify_checkpoint(c) is None
         _assert_all_finite(c)
     assert not (out / "final_model").exists()
 
@@ -410,8 +415,8 @@ def test_guarantee_06_non_finite_weights_are_never_checkpointed(tmp_path, tiny_l
 
     argv = tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "4", "--eval-steps", "100",
                      "--save-steps", "2")
-    with pytest.raises(llama_trainer.NonFiniteWeightsError, match="by step 2"):
-        llama_train.run_train(llama_train.resolve_train_config(argv),
+    with pytest.raises(NonFiniteWeightsError, match="by step 2"):
+        run_train(llama_train.resolve_train_config(argv),
                               on_trainer=lambda t: t.add_callback(Overflow()))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()
                   if "checkpoint" in p.name) == []
@@ -434,7 +439,7 @@ def test_guarantee_07_out_of_memory_says_what_to_change_and_keeps_what_was_writt
     assert "newest complete checkpoint: checkpoint-2" in text
     # Nothing already written is lost: the checkpoint and the logged steps are those of the
     # reference run.
-    assert llama_trainer.verify_checkpoint(out / "checkpoint-2") is None
+    assert verify_checkpoint(out / "checkpoint-2") is None
     assert loss_steps(out) == loss_steps(reference)[:2]
     assert consumed(out) == consumed(reference)[:2]
     assert not (out / "final_model").exists()
@@ -483,6 +488,6 @@ def test_guarantee_07_the_cpu_allocators_failure_counts_as_out_of_memory():
     with pytest.raises(RuntimeError) as failed:
         torch.empty(2**50, dtype=torch.uint8)  # 1 PiB
     assert not isinstance(failed.value, torch.OutOfMemoryError)
-    assert llama_trainer.is_out_of_memory(failed.value)
-    assert llama_trainer.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert not llama_trainer.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert is_out_of_memory(failed.value)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))

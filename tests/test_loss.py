@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_loss import GroupedLengthSampler, grouped_length_indices, supervised_cross_entropy
+from llama_sft.data.batching import GroupedLengthSampler, grouped_length_indices
+from llama_sft.modeling.loss import supervised_cross_entropy
 
 
 def reference(hidden, weight, labels, scale):
@@ -77,7 +78,7 @@ def _lora_trainer(tiny_llama_dir, tmp_path, bf16: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from llama_trainer import make_trainer_class
+    from llama_sft.training.trainer import make_trainer_class
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
@@ -90,10 +91,11 @@ def _lora_trainer(tiny_llama_dir, tmp_path, bf16: bool):
 
 
 def _batch(tokenizer, tmp_path):
-    from llama_dataset import load_examples, tokenize_examples
-    from llama_trainer import PadCollator
-
     from test_train import small_dataset
+
+    from llama_sft.data.batching import PadCollator
+    from llama_sft.data.loader import load_examples
+    from llama_sft.data.tokenize import tokenize_examples
 
     rows = tokenize_examples(load_examples(small_dataset(tmp_path, 6)), tokenizer, max_length=256)
     return PadCollator(tokenizer.pad_token_id)(rows)
@@ -102,7 +104,7 @@ def _batch(tokenizer, tmp_path):
 def test_trainer_loss_and_lora_gradients_match_the_models_own_loss(tiny_llama_dir, tokenizer,
                                                                    tmp_path):
     model, trainer = _lora_trainer(tiny_llama_dir, tmp_path, bf16=False)
-    from llama_loss import fusable_head
+    from llama_sft.modeling.loss import fusable_head
 
     assert fusable_head(model.get_base_model().lm_head)
     batch = _batch(tokenizer, tmp_path)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
+import llama_sft.evaluation.metrics as lm
 import pytest
 
-import llama_metrics as lm
-from llama_metrics import aggregate, score_example
+from llama_sft.evaluation.metrics import aggregate, score_example
 
 GSM = lm.GSM8K_ANSWER_REGEX
 

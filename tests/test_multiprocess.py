@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 from test_train import adapter_tensors, losses, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]

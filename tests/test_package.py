@@ -13,10 +13,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_evaluate import GOLDEN, make_adapter
 
 import llama_evaluate
 import llama_package
-from test_evaluate import GOLDEN, make_adapter
+from llama_sft.config import PackageArgs
+from llama_sft.files import sha256_file
+from llama_sft.packaging.card import CARD_EXAMPLE, _prompt_builder_code
+from llama_sft.packaging.metadata import scrub_paths
+from llama_sft.packaging.package import run_package
+from llama_sft.packaging.verify import run_verify
 
 CANARIES = {"WANDB_API_KEY": "canary-wandb-5f1e2d3c4b5a6978",
             "HF_TOKEN": "hf_canaryTOKEN0123456789abcdef",
@@ -68,7 +74,7 @@ def test_help(capsys):
 
 
 def test_output_files_and_archive_members_are_exact(packaged):
-    sha8 = llama_evaluate.sha256_file(packaged.adapter / "adapter_model.safetensors")[:8]
+    sha8 = sha256_file(packaged.adapter / "adapter_model.safetensors")[:8]
     assert packaged.name == f"{packaged.base.name}-lora-{sha8}"
     n = packaged.name
     assert {p.name for p in packaged.out_dir.iterdir()} == {
@@ -138,7 +144,7 @@ def test_no_home_path_leaves_in_the_archive(packaged):
 
 
 def test_model_card_shows_usage_exact_prompt_and_evaluation(packaged, tokenizer):
-    from llama_dataset import render_prompt
+    from llama_sft.data.prompts import render_prompt
 
     card = (packaged.out_dir / f"{packaged.name}.README.md").read_text()
     assert card == _members(packaged.archive)[f"{packaged.name}/README.md"].decode()
@@ -146,21 +152,21 @@ def test_model_card_shows_usage_exact_prompt_and_evaluation(packaged, tokenizer)
                     "model.generate(", "add_special_tokens=False", "## Evaluation",
                     "**overall**", "adapter - base", "## Merged model", "sha256sum -c SHA256SUMS"):
         assert snippet in card, snippet
-    rendered = render_prompt(tokenizer, "chat", *llama_package.CARD_EXAMPLE)
+    rendered = render_prompt(tokenizer, "chat", *CARD_EXAMPLE)
     assert repr(rendered) in card
     # the card's build_prompt() renders exactly the training prompt
     code = re.search(r"(def build_prompt\(.*?)\n\n", card, flags=re.S).group(1)
     namespace = {"tokenizer": tokenizer}
     exec(code, namespace)  # noqa: S102 - our own generated card
-    assert namespace["build_prompt"](*llama_package.CARD_EXAMPLE) == rendered
+    assert namespace["build_prompt"](*CARD_EXAMPLE) == rendered
 
 
 @pytest.mark.parametrize("context", ["", "The battery lasts all day."])
 def test_card_prompt_builder_matches_training_for_the_instruction_format(tokenizer, context):
-    from llama_dataset import render_prompt
+    from llama_sft.data.prompts import render_prompt
 
     namespace = {"tokenizer": tokenizer}
-    exec(llama_package._prompt_builder_code("instruction"), namespace)  # noqa: S102
+    exec(_prompt_builder_code("instruction"), namespace)  # noqa: S102
     assert namespace["build_prompt"]("Label the review.", context) == render_prompt(
         tokenizer, "instruction", "Label the review.", context)
 
@@ -191,12 +197,13 @@ def test_guarantee_11_packaged_adapter_is_the_trained_adapter(packaged, tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from llama_dataset import load_and_validate, render_prompt
-    from llama_generate import generate
-    from llama_model import load_for_inference, load_model
+    from llama_sft.data.loader import load_and_validate
+    from llama_sft.data.prompts import render_prompt
+    from llama_sft.evaluation.generate import generate
+    from llama_sft.modeling.load import load_for_inference, load_model
 
     extracted = tmp_path / "x"
-    result = llama_package.run_verify(llama_package.PackageArgs(verify=str(packaged.archive),
+    result = run_verify(PackageArgs(verify=str(packaged.archive),
                                                                 extract_to=str(extracted)))
     assert result["matches_reference"] is True
     folder = extracted / packaged.name
@@ -293,9 +300,10 @@ def test_merged_model_matches_adapter_on_base(packaged):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llama_dataset import load_and_validate, render_prompt
-    from llama_generate import generate
-    from llama_model import load_model, load_tokenizer
+    from llama_sft.data.loader import load_and_validate
+    from llama_sft.data.prompts import render_prompt
+    from llama_sft.evaluation.generate import generate
+    from llama_sft.modeling.load import load_model, load_tokenizer
 
     merged_dir = packaged.out_dir / f"{packaged.name}-merged"
     assert not (merged_dir / "adapter_config.json").exists()
@@ -351,7 +359,7 @@ def test_secret_in_run_config_stops_packaging(tiny_llama_dir, tmp_path, monkeypa
 def test_qlora_merge_records_the_unquantized_base(tiny_llama_dir, tmp_path):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "final_model", lora_b_std=0.3,
                            quantization="4bit")
-    result = llama_package.run_package(llama_package.PackageArgs(
+    result = run_package(PackageArgs(
         adapter_path=str(adapter), output_dir=str(tmp_path / "packages"), merge=True,
         record_generation=False))
     meta = json.loads(Path(result["metadata"]).read_text())
@@ -376,7 +384,7 @@ def test_scrub_paths_replaces_home_paths_with_basenames():
     home = str(Path.home())
     data = {"a": f"{home}/models/llama", "b": [f"see {home}/x/data.jsonl now"], "c": 3,
             "d": "/tmp/kept", "e": "~/secret/cfg.json", "f": f"{home}fs/not-home"}
-    assert llama_package.scrub_paths(data) == {"a": "llama", "b": ["see data.jsonl now"], "c": 3,
+    assert scrub_paths(data) == {"a": "llama", "b": ["see data.jsonl now"], "c": 3,
                                                "d": "/tmp/kept", "e": "cfg.json",
                                                "f": f"{home}fs/not-home"}
 

@@ -12,10 +12,19 @@ import pytest
 import torch
 
 import llama_train
-import llama_trainer
-from llama_config import TrainArgs, resolve_config
-from llama_dataset import load_examples, tokenize_examples
-from llama_trainer import PadCollator, make_trainer_class
+from llama_sft.config import TrainArgs
+from llama_sft.data.batching import PadCollator
+from llama_sft.data.loader import load_examples
+from llama_sft.data.tokenize import tokenize_examples
+from llama_sft.errors import NonFiniteLossError
+from llama_sft.files import verify_checkpoint, write_manifest
+from llama_sft.training.checkpoints import (
+    latest_good_checkpoint,
+    list_checkpoints,
+    rotate_checkpoints,
+)
+from llama_sft.training.train import run_train
+from llama_sft.training.trainer import make_trainer_class
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "sft_output"
@@ -176,10 +185,10 @@ def test_guarantee_01_sigint_mid_epoch_then_resume_matches_an_uninterrupted_run(
     assert llama_train.main(straight) == 0
 
     stopped = tiny_args(tmp_path, tiny_llama_dir, "stopped", *common)
-    result = llama_train.run_train(cfg_for(stopped), on_trainer=_interrupt_at(3))
+    result = run_train(cfg_for(stopped), on_trainer=_interrupt_at(3))
     assert result["exit_code"] == 130 and result["global_step"] == 3
     assert "SIGINT" in result["status"]
-    assert llama_trainer.verify_checkpoint(tmp_path / "stopped" / "checkpoint-3") is None
+    assert verify_checkpoint(tmp_path / "stopped" / "checkpoint-3") is None
     assert not (tmp_path / "stopped" / "final_model").exists()
 
     assert llama_train.main(stopped + ["--resume", "auto"]) == 0
@@ -212,9 +221,9 @@ def test_guarantee_06_nan_loss_stops_the_run_naming_the_step(tmp_path, tiny_llam
     def inject(trainer):
         trainer.loss_hook = lambda loss, step: loss * float("nan") if step == 3 else loss
 
-    with pytest.raises(llama_trainer.NonFiniteLossError, match="at step 3"):
-        llama_train.run_train(cfg_for(argv), on_trainer=inject)
-    ckpts = llama_trainer.list_checkpoints(tmp_path / "run")
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        run_train(cfg_for(argv), on_trainer=inject)
+    ckpts = list_checkpoints(tmp_path / "run")
     assert [c.name for c in ckpts] == ["checkpoint-2"]
     for t in adapter_tensors(ckpts[0]).values():
         assert torch.isfinite(t).all()
@@ -241,15 +250,15 @@ def test_guarantee_04_retention_keeps_the_newest_complete_checkpoint(tmp_path):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         (d / "a.bin").write_bytes(bytes([step]))
-        llama_trainer.write_manifest(d)
+        write_manifest(d)
     (tmp_path / "checkpoint-4").mkdir()  # an unfinished save: no manifest
     (tmp_path / "checkpoint-4" / "a.bin").write_bytes(b"partial")
-    llama_trainer.rotate_checkpoints(tmp_path, keep=1)
+    rotate_checkpoints(tmp_path, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
-    assert llama_trainer.latest_good_checkpoint(tmp_path).name == "checkpoint-3"
+    assert latest_good_checkpoint(tmp_path).name == "checkpoint-3"
     (tmp_path / "checkpoint-3" / "a.bin").write_bytes(b"\x00\x01")  # truncated/modified
-    assert "sha256" in llama_trainer.verify_checkpoint(tmp_path / "checkpoint-3")
-    assert llama_trainer.latest_good_checkpoint(tmp_path) is None
+    assert "sha256" in verify_checkpoint(tmp_path / "checkpoint-3")
+    assert latest_good_checkpoint(tmp_path) is None
 
 
 def test_wandb_logs_offline_without_leaking_secrets(tmp_path, tiny_llama_dir, monkeypatch):

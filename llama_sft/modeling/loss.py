@@ -1,28 +1,13 @@
-"""The training loss at supervised positions only, and the length-grouped sampler.
-
-Two pieces of the training fast path, kept apart from the Trainer subclass so they can be
-tested and benchmarked on their own:
-
-- `supervised_cross_entropy`: the LM head and cross-entropy on the supervised rows of the final
-  hidden states, in chunks, with the gradient with respect to the hidden states computed in the
-  forward pass (the head is frozen under LoRA, so nothing else needs it). The [tokens, vocab]
-  logits never exist whole: a 49k-word vocabulary at 700 supervised tokens is 137 MB of fp32
-  logits, plus as much again for the softmax autograd keeps and for its gradient. The
-  arithmetic is the same as `F.cross_entropy(head(h).float(), y, reduction="sum") * scale`
-  under the same autocast: logits in the head's (autocast) dtype, softmax in fp32, the logit
-  gradient scaled and cast back before the input-gradient matmul.
-- `GroupedLengthSampler`: transformers' length-grouped order with megabatches that also group
-  on small datasets (transformers uses len // (4 * batch) batches per megabatch, one batch on a
-  set of fewer than 8 batches, so nothing is grouped), and the batches of each megabatch
-  shuffled instead of longest to shortest.
-"""
+"""TODO docstring"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from llama_sft.data.batching import PadCollator
 
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -94,60 +79,6 @@ def fusable_head(head) -> bool:
             and not head.weight.requires_grad)
 
 
-# --------------------------------------------------------------------------------------
-# Length-grouped batches
-# --------------------------------------------------------------------------------------
-
-
-def grouped_length_indices(lengths: Sequence[int], batch_size: int, *,
-                           generator: torch.Generator | None = None,
-                           max_megabatch_batches: int = 50) -> list[int]:
-    """Indices in batches of similar length.
-
-    Shuffle; cut into megabatches of up to `max_megabatch_batches` batches (fewer on a small
-    set, down to the whole set); sort each megabatch by length; cut it into batches and shuffle
-    the batches, keeping the batch with the longest row first (an out-of-memory error shows at
-    step 1, not hours in)."""
-    n = len(lengths)
-    if n == 0:
-        return []
-    perm = torch.randperm(n, generator=generator).tolist()
-    mult = max(1, min(max_megabatch_batches, n // batch_size))
-    size = mult * batch_size
-    batches: list[list[int]] = []
-    for start in range(0, n, size):
-        mega = sorted(perm[start:start + size], key=lambda i: lengths[i], reverse=True)
-        chunks = [mega[i:i + batch_size] for i in range(0, len(mega), batch_size)]
-        order = torch.randperm(len(chunks), generator=generator).tolist()
-        batches.extend(chunks[j] for j in order)
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    return [i for b in batches for i in b]
-
-
-class GroupedLengthSampler(torch.utils.data.Sampler):
-    """Drop-in for transformers' LengthGroupedSampler (same RNG use: the generator, else the
-    global torch RNG, which the Trainer seeds and restores on resume)."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int,
-                 generator: torch.Generator | None = None):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        return iter(grouped_length_indices(self.lengths, self.batch_size,
-                                           generator=self.generator))
-
-
-# --------------------------------------------------------------------------------------
-# Teacher-forced loss per example (evaluation)
-# --------------------------------------------------------------------------------------
-
-
 def per_example_nll(model, rows: Sequence[dict], pad_token_id: int, *,
                     batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed NLL in nats, supervised token count) per tokenized row (input_ids, labels,
@@ -156,7 +87,6 @@ def per_example_nll(model, rows: Sequence[dict], pad_token_id: int, *,
     The decoder runs on right-padded, length-sorted batches and the LM head only on the
     supervised positions: full logits for every position would take batch x length x vocab x 4
     bytes (16 x 512 x 49k x 4 = 1.6 GB for the embedded model)."""
-    from llama_trainer import PadCollator
 
     if not rows:
         return []
@@ -191,3 +121,11 @@ def per_example_nll(model, rows: Sequence[dict], pad_token_id: int, *,
         if was_training:
             model.train()
     return out
+
+
+def mean_supervised_loss(model, rows: Sequence[dict[str, Any]], pad_token_id: int,
+                         batch_size: int = 8) -> float:
+    """Mean cross-entropy per supervised token (response + EOS), teacher-forced."""
+
+    sums = per_example_nll(model, rows, pad_token_id, batch_size=batch_size)
+    return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)

@@ -1,47 +1,4 @@
-"""Per-example metrics for generated answers, and their aggregation overall and per category.
-
-Used by llama_evaluate.py and the pilot. The API is two functions:
-
-    from llama_metrics import score_example, aggregate
-
-    row = score_example("The answer is 29.\\n#### 29", "...\\n#### 29",
-                        answer_regex=r"####\\s*(-?[\\d,.]+)")
-    # -> {'exact_match': 0.0, 'token_f1': ..., 'rouge_l': ..., 'bleu': ...,
-    #     'answer_exact_match': 1.0, 'json_field_accuracy': None, 'json_valid': None}
-
-    rows = [{**row, "category": "math", "new_tokens": 12, "ended_with_eos": True,
-             "prediction": pred, "reference": ref}, ...]
-    summary = aggregate(rows, by="category")
-    # -> {'overall': {'n': 50, 'exact_match': 0.42, ..., 'avg_new_tokens': 23.1,
-    #                 'eos_rate': 0.96, 'corpus_bleu': 0.31},
-    #     'by_category': {'math': {...}, 'closed_qa': {...}}}
-
-Metrics (every value is in [0, 1]; None means "does not apply to this example"):
-
-- exact_match: SQuAD normalisation on both sides (lowercase, drop punctuation, drop the
-  articles a/an/the, collapse whitespace), then string equality.
-- token_f1: SQuAD token F1 on the normalised words (bag-of-words overlap).
-- rouge_l: ROUGE-L F-measure from `rouge_score` (its default tokenizer: lowercase, runs of
-  [a-z0-9]; no stemming, as in HF `evaluate`'s default).
-- bleu: sacrebleu sentence BLEU (13a tokenizer, exp smoothing, effective order) / 100.
-  `aggregate` adds corpus_bleu (sacrebleu corpus BLEU / 100) when rows carry
-  `prediction` and `reference`.
-- answer_exact_match (only with an answer regex, and only when the reference matches it): the
-  regex's first capture group (or whole match) from the first match in each text, compared
-  after number normalisation: commas, a leading '$' and a trailing '.' dropped, then numeric
-  equality ("1,234.50" == "1234.5"); non-numbers compare as normalised text. A prediction with
-  no match scores 0.
-- json_field_accuracy (only when the reference is a JSON object): the share of the reference's
-  keys whose value the prediction's JSON object has equal (strings compared after stripping
-  surrounding whitespace, numbers by value, booleans only with booleans). 0 when the
-  prediction holds no JSON object. Code fences and text around one {...} object are tolerated.
-- json_valid (only when the reference is a JSON object): 1 when a JSON object could be read
-  from the prediction.
-
-Aggregation takes the mean of each metric over the rows where it applies; a row's optional
-`new_tokens`, `ended_with_eos`, `response_nll` (summed token NLL, nats) and `response_tokens`
-give avg_new_tokens, eos_rate, response_loss and perplexity (exp of total NLL / total tokens).
-"""
+"""TODO docstring"""
 
 from __future__ import annotations
 
@@ -57,16 +14,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 METRIC_NAMES = ("exact_match", "token_f1", "rouge_l", "bleu", "answer_exact_match",
                 "json_field_accuracy", "json_valid")
+
+
 # The regex the sample data's math answers use ("#### 29"); GSM8K's convention.
 GSM8K_ANSWER_REGEX = r"####\s*(-?[\d,.]+)"
 
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
 _ASCII_PUNCT = set(string.punctuation)
-
-
-# --------------------------------------------------------------------------------------
-# Text metrics
-# --------------------------------------------------------------------------------------
 
 
 def _unit(value: float) -> float:
@@ -129,11 +86,6 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return _unit(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100.0)
 
 
-# --------------------------------------------------------------------------------------
-# Answer extraction (GSM8K-style "#### 42")
-# --------------------------------------------------------------------------------------
-
-
 @lru_cache(maxsize=32)
 def compile_answer_regex(pattern: str) -> re.Pattern:
     """Compile --answer-regex; a bad pattern raises ValueError naming it."""
@@ -170,11 +122,6 @@ def answers_match(prediction_answer: str | None, reference_answer: str) -> bool:
     if prediction_answer is None:
         return False
     return normalize_number(prediction_answer) == normalize_number(reference_answer)
-
-
-# --------------------------------------------------------------------------------------
-# JSON field accuracy
-# --------------------------------------------------------------------------------------
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
@@ -233,11 +180,6 @@ def json_field_accuracy(prediction: str, reference: str | Mapping[str, Any]) -> 
         return 1.0
     hits = sum(1 for k, v in ref.items() if k in pred and json_values_equal(pred[k], v))
     return hits / len(ref)
-
-
-# --------------------------------------------------------------------------------------
-# Per-example scoring and aggregation
-# --------------------------------------------------------------------------------------
 
 
 def score_example(prediction: str, reference: str,

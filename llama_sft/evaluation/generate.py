@@ -1,9 +1,4 @@
-"""Batched generation shared by the pilot, the training-time sample prompts and evaluation.
-
-Prompts are rendered with the same formatting as training (llama_dataset.render_prompt),
-sorted by length, left-padded and generated in batches with the KV cache; greedy by default.
-Output order matches input order.
-"""
+"""TODO docstring"""
 
 from __future__ import annotations
 
@@ -13,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 logger = logging.getLogger("llama_sft")
+
 
 
 @dataclass

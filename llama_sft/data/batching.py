@@ -1,0 +1,106 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+def grouped_length_indices(lengths: Sequence[int], batch_size: int, *,
+                           generator: torch.Generator | None = None,
+                           max_megabatch_batches: int = 50) -> list[int]:
+    """Indices in batches of similar length.
+
+    Shuffle; cut into megabatches of up to `max_megabatch_batches` batches (fewer on a small
+    set, down to the whole set); sort each megabatch by length; cut it into batches and shuffle
+    the batches, keeping the batch with the longest row first (an out-of-memory error shows at
+    step 1, not hours in)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    perm = torch.randperm(n, generator=generator).tolist()
+    mult = max(1, min(max_megabatch_batches, n // batch_size))
+    size = mult * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, n, size):
+        mega = sorted(perm[start:start + size], key=lambda i: lengths[i], reverse=True)
+        chunks = [mega[i:i + batch_size] for i in range(0, len(mega), batch_size)]
+        order = torch.randperm(len(chunks), generator=generator).tolist()
+        batches.extend(chunks[j] for j in order)
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for b in batches for i in b]
+
+
+class GroupedLengthSampler(torch.utils.data.Sampler):
+    """Drop-in for transformers' LengthGroupedSampler (same RNG use: the generator, else the
+    global torch RNG, which the Trainer seeds and restores on resume)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int,
+                 generator: torch.Generator | None = None):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(grouped_length_indices(self.lengths, self.batch_size,
+                                           generator=self.generator))
+
+
+class TokenizedDataset:
+    """A list of tokenized examples (from llama_dataset.tokenize_examples)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+@dataclass
+class PadCollator:
+    """Right-pads a batch to its longest row. Padding is masked by attention_mask = 0 and
+    labels = -100, never by token id, so EOS is learned even when pad == eos.
+
+    `example_ids`: also pass each row's id (its `id` field, else the first 16 hex digits of its
+    content hash) as a list under "example_ids", for the consumed-examples log; SFTTrainer
+    takes it out before the model sees the batch."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    example_ids: bool = False
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.example_ids:
+            batch["example_ids"] = [example_id(r) for r in rows]
+        return batch
+
+
+def example_id(row: dict[str, Any]) -> str:
+    """A tokenized row's id for logs: its `id` field, else a prefix of its content hash."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    return str(row.get("content_hash", ""))[:16]

@@ -1,0 +1,137 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from llama_sft.data.schemas import Example, normalize_record, parse_field_map
+from llama_sft.errors import DatasetError
+from llama_sft.files import sha256_file
+
+logger = logging.getLogger("llama_sft")
+
+
+
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: a longer line is almost surely not one SFT example
+
+
+@dataclass
+class LoadStats:
+    rows: int = 0
+    skipped_invalid: int = 0
+    skipped_reasons: Counter = field(default_factory=Counter)
+
+
+def load_examples(path: str | os.PathLike, *, field_map: str | dict | None = None,
+                  skip_invalid: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+                  stats: LoadStats | None = None) -> list[Example]:
+    """Read and validate a JSONL file. Raises DatasetError naming `file:line` and the reason;
+    with skip_invalid, bad lines are skipped and counted in `stats` instead."""
+    return list(iter_examples(path, field_map=field_map, skip_invalid=skip_invalid,
+                              max_line_bytes=max_line_bytes, stats=stats))
+
+
+def iter_examples(path: str | os.PathLike, *, field_map: str | dict | None = None,
+                  skip_invalid: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+                  stats: LoadStats | None = None) -> Iterator[Example]:
+    """load_examples one line at a time: the same checks, errors and counts, holding one line
+    and one example at a time (the dataset report streams through it)."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{path}: file not found (the sample data is in ./sft_output/; "
+                           f"regenerate it with `python3 sft_output/make_sample_data.py`)")
+    if p.is_dir():
+        raise DatasetError(f"{path}: is a folder; pass a .jsonl file")
+    fmap = parse_field_map(field_map) if isinstance(field_map, (str, type(None))) else field_map
+    stats = stats if stats is not None else LoadStats()
+
+    def bad(lineno: int, reason: str) -> None:
+        if not skip_invalid:
+            raise DatasetError(f"{path}:{lineno}: {reason}. Fix the line, or pass --skip-invalid "
+                               "to skip and count bad lines")
+        stats.skipped_invalid += 1
+        stats.skipped_reasons[reason.split(":")[0].split(" (")[0]] += 1
+
+    with open(p, "rb") as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            lineno += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                # Skip the rest of the over-long line without holding it in memory.
+                while True:
+                    chunk = fh.readline(1 << 20)
+                    if not chunk or chunk.endswith(b"\n"):
+                        break
+                bad(lineno, f"line longer than {max_line_bytes} bytes")
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                if not skip_invalid:
+                    raise DatasetError(f"{path}:1: file starts with a UTF-8 byte-order mark (BOM); "
+                                       "re-save it as UTF-8 without BOM")
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                bad(lineno, f"not valid UTF-8 (byte {e.start})")
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                what = "truncated JSON" if "Unterminated" in e.msg or "Expecting" in e.msg and \
+                    e.pos >= len(text.rstrip()) - 1 else "invalid JSON"
+                bad(lineno, f"{what} ({e.msg} at column {e.colno})")
+                continue
+            except RecursionError:
+                bad(lineno, "JSON nested too deeply")
+                continue
+            except ValueError:
+                # Not a JSONDecodeError: an integer longer than sys.get_int_max_str_digits().
+                bad(lineno, "invalid JSON (a number has too many digits)")
+                continue
+            try:
+                ex = normalize_record(obj, fmap)
+            except ValueError as e:
+                bad(lineno, str(e))
+                continue
+            ex.line = lineno
+            stats.rows += 1
+            yield ex
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+
+    return sha256_file(path)
+
+
+def load_and_validate(path: str, *, field_map: str | None = None, skip_invalid: bool = False,
+                      what: str = "--dataset") -> tuple[list[Example], LoadStats]:
+    stats = LoadStats()
+    examples = load_examples(path, field_map=field_map, skip_invalid=skip_invalid, stats=stats)
+    if stats.skipped_invalid:
+        logger.warning("%s %s: skipped %d invalid line(s): %s", what, path, stats.skipped_invalid,
+                       dict(stats.skipped_reasons))
+    if not examples:
+        raise no_examples_error(what, path, stats)
+    return examples, stats
+
+
+def no_examples_error(what: str, path: str | os.PathLike, stats: LoadStats) -> DatasetError:
+    if stats.skipped_invalid:
+        return DatasetError(f"{what} {path}: no valid examples: all {stats.skipped_invalid} "
+                            f"non-blank line(s) were invalid and skipped "
+                            f"({dict(stats.skipped_reasons)}); run without --skip-invalid to "
+                            "see the first bad line and why")
+    return DatasetError(f"{what} {path}: no valid examples: the file is empty or holds only "
+                        "blank lines; it needs one JSON object per line with 'instruction' and "
+                        "'response'")

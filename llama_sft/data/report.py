@@ -1,0 +1,211 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from array import array
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from llama_sft.data.loader import (
+    LoadStats,
+    file_sha256,
+    iter_examples,
+    load_and_validate,
+    no_examples_error,
+)
+from llama_sft.data.prompts import _prompt_ids, render_prompt, resolve_prompt_format
+from llama_sft.data.schemas import Example
+from llama_sft.data.splits import SplitAssigner
+from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
+from llama_sft.errors import ConfigError, DatasetError
+from llama_sft.files import output_file_problem, same_file, write_text_atomic
+from llama_sft.modeling.load import load_tokenizer, resolve_base_model
+
+logger = logging.getLogger("llama_sft")
+
+
+def percentiles(values: Sequence[int], qs: Iterable[int] = (50, 90, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {}
+    s = sorted(values)
+    out = {}
+    for q in qs:
+        k = (len(s) - 1) * q / 100
+        lo, hi = math.floor(k), math.ceil(k)
+        out[f"p{q}"] = float(s[lo] + (s[hi] - s[lo]) * (k - lo))
+    out["max"] = float(s[-1])
+    out["mean"] = round(sum(s) / len(s), 1)
+    return out
+
+
+REPORT_CHUNK = 1024  # examples rendered and tokenized at a time by the report
+
+
+def build_report(examples: Iterable[Example], tokenizer, *, path: str, max_length: int,
+                 prompt_format: str, val_ratio: float, test_ratio: float,
+                 golden: Sequence[Example] = (), load_stats: LoadStats | None = None) -> dict[str, Any]:
+    """Counts, token-length percentiles, truncation, duplicates and split sizes of `examples`.
+
+    One pass that streams: `examples` may be a generator (iter_examples), and only REPORT_CHUNK
+    examples, their rendered prompts and token ids are held at a time; what is kept for the
+    whole file is two arrays of token lengths (4 bytes per example each), one content hash per
+    distinct example (for duplicates and splits) and the category counts."""
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    p_len, r_len = array("I"), array("I")
+    categories: Counter = Counter()
+    splits = {"train": 0, "val": 0, "test": 0}
+    assigner = SplitAssigner(val_ratio=val_ratio, test_ratio=test_ratio, golden=golden)
+    all_hashes = hashlib.sha256()  # == dataset_hash(examples), without holding them
+    over_stats = TokenizeStats()
+    would_truncate = n = 0
+    for chunk in _chunks(examples, REPORT_CHUNK):
+        prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in chunk]
+        chunk_p = [len(x) for x in _prompt_ids(tokenizer, fmt, prompts)]
+        chunk_r = [len(x) + 1 for x in tokenizer([ex.response for ex in chunk],
+                                                 add_special_tokens=False)["input_ids"]]
+        over = []
+        for ex, a, b in zip(chunk, chunk_p, chunk_r):
+            h = ex.content_hash
+            all_hashes.update(h.encode())
+            categories[ex.category] += 1
+            name = assigner.assign(h)
+            if name is not None:
+                splits[name] += 1
+            if a + b > max_length:
+                over.append(ex)
+        n += len(chunk)
+        p_len.extend(chunk_p)
+        r_len.extend(chunk_r)
+        would_truncate += len(over)
+        # Count drops the way training will: the context is cut first, so a long prompt is
+        # only dropped when even the instruction leaves no room (tokenize only the long ones).
+        tokenize_examples(over, tokenizer, max_length=max_length, prompt_format=fmt,
+                          stats=over_stats)
+    removed = assigner.finish()
+    load_stats = load_stats or LoadStats(rows=n)
+    return {
+        "dataset": str(path),
+        "file_sha256": file_sha256(path),
+        "dataset_hash": all_hashes.hexdigest()[:16],
+        "examples": n,
+        "skipped_invalid": load_stats.skipped_invalid,
+        "skipped_reasons": dict(load_stats.skipped_reasons),
+        "categories": dict(sorted(categories.items())),
+        "prompt_format": fmt,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "max_length": max_length,
+        "prompt_tokens": percentiles(p_len),
+        "response_tokens": percentiles(r_len),
+        "total_tokens": percentiles([a + b for a, b in zip(p_len, r_len)]),
+        "would_truncate": would_truncate,
+        "would_drop_no_supervised_tokens": over_stats.dropped_no_supervised_tokens,
+        # As split_examples counts them: a repeated golden-set row is golden overlap (every
+        # copy), not a duplicate, so splits == examples - duplicates - golden overlap.
+        "duplicate_examples": removed.get("duplicates", 0),
+        "golden_overlap": removed.get("golden_overlap", 0),
+        "splits": splits,
+        "split_ratios": {"val": val_ratio, "test": test_ratio},
+    }
+
+
+def _chunks(items: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def pct(d: dict[str, float]) -> str:
+        return "  ".join(f"{k} {v:g}" for k, v in d.items())
+
+    lines = [
+        f"Dataset {r['dataset']}  (hash {r['dataset_hash']})",
+        f"  examples: {r['examples']}   skipped invalid: {r['skipped_invalid']}"
+        + (f" {r['skipped_reasons']}" if r["skipped_reasons"] else ""),
+        "  categories: " + ", ".join(f"{k} {v}" for k, v in r["categories"].items()),
+        f"  prompt format: {r['prompt_format']}   tokenizer: {r['tokenizer']}",
+        f"  prompt tokens:   {pct(r['prompt_tokens'])}",
+        f"  response tokens: {pct(r['response_tokens'])}  (including EOS)",
+        f"  total tokens:    {pct(r['total_tokens'])}",
+        f"  over --max-length {r['max_length']}: {r['would_truncate']} would be truncated, "
+        f"{r['would_drop_no_supervised_tokens']} would be dropped (no room for the response)",
+        f"  duplicates: {r['duplicate_examples']}   golden-set overlap: {r['golden_overlap']}",
+        "  splits: " + ", ".join(f"{k} {v}" for k, v in r["splits"].items()),
+    ]
+    return "\n".join(lines)
+
+
+REPORT_KEYS = ("dataset", "dataset_hash", "examples", "splits")
+
+
+def check_report_output(output: str, cfg: Any) -> dict[str, Any] | None:
+    """Refuse an --output that would destroy something that is not a report (the dataset
+    itself, a folder, any other file); return the earlier report found there, if any."""
+
+    for flag, given in (("--dataset", cfg.dataset), ("--golden-set", cfg.golden_set)):
+        if same_file(output, given):
+            raise ConfigError(f"--output {output} is the {flag} file: writing the report there "
+                              "would destroy it; choose another --output (e.g. report.json)")
+    problem = output_file_problem("--output", output, example="report.json")
+    if problem:
+        raise ConfigError(problem)
+    p = Path(output)
+    if not p.exists():
+        return None
+    earlier = None
+    if p.is_file() and p.stat().st_size < (4 << 20):
+        try:
+            earlier = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            earlier = None
+    if not (isinstance(earlier, dict) and all(k in earlier for k in REPORT_KEYS)):
+        raise ConfigError(f"--output {output} exists and is not a report written by "
+                          "llama_dataset.py; choose another --output (the file was left as it "
+                          "was)")
+    return earlier
+
+
+def run_report(cfg: Any, output: str | None = None) -> dict[str, Any]:
+    """The report on --dataset, streaming: a first pass validates every line without holding
+    the examples (a bad line fails here, before a tokenizer is loaded); the second renders and
+    tokenizes REPORT_CHUNK examples at a time. Peak memory does not grow with the file beyond
+    two 4-byte lengths and one content hash per example."""
+
+    if not cfg.dataset:
+        raise DatasetError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
+    earlier = check_report_output(output, cfg) if output else None
+    stats = LoadStats()
+    for _ in iter_examples(cfg.dataset, field_map=cfg.field_map, skip_invalid=cfg.skip_invalid,
+                           stats=stats):
+        pass
+    if stats.skipped_invalid:
+        logger.warning("--dataset %s: skipped %d invalid line(s): %s", cfg.dataset,
+                       stats.skipped_invalid, dict(stats.skipped_reasons))
+    if not stats.rows:
+        raise no_examples_error("--dataset", cfg.dataset, stats)
+    golden: list[Example] = []
+    if cfg.golden_set:
+        golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
+                                      skip_invalid=cfg.skip_invalid, what="--golden-set")
+    tok = load_tokenizer(resolve_base_model(cfg.model_size, cfg.base_model),
+                         trust_remote_code=cfg.trust_remote_code)
+    examples = iter_examples(cfg.dataset, field_map=cfg.field_map,
+                             skip_invalid=cfg.skip_invalid)
+    report = build_report(examples, tok, path=cfg.dataset, max_length=cfg.max_length,
+                          prompt_format=cfg.prompt_format, val_ratio=cfg.val_ratio,
+                          test_ratio=cfg.test_ratio, golden=golden, load_stats=stats)
+    if report["examples"] != stats.rows:
+        raise DatasetError(f"--dataset {cfg.dataset} changed while the report was being made "
+                           f"({stats.rows} then {report['examples']} examples); run it again")
+    if output:
+        if earlier is not None:
+            logger.info("replacing %s (an earlier report on %s, hash %s)", output,
+                        earlier.get("dataset"), earlier.get("dataset_hash"))
+        write_text_atomic(output, json.dumps(report, indent=2) + "\n")
+    return report

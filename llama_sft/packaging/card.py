@@ -1,0 +1,162 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from llama_sft.data.prompts import render_prompt
+from llama_sft.layout import EVAL_RESULTS, SUMS
+from llama_sft.modeling.embedded import is_embedded
+
+CARD_EXAMPLE = ("Label the review below as positive, negative or neutral. Respond with one "
+                "lowercase word.", "The battery lasts all day and setup took five minutes.")
+
+
+def _prompt_builder_code(prompt_format: str) -> str:
+    if prompt_format == "chat":
+        return '''def build_prompt(instruction, context=""):
+    """The exact text the adapter was trained to answer (the tokenizer's chat template)."""
+    user = f"{instruction.strip()}\\n\\n{context.strip()}" if context.strip() else instruction.strip()
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}],
+                                         tokenize=False, add_generation_prompt=True)'''
+    return '''def build_prompt(instruction, context=""):
+    """The exact text the adapter was trained to answer (instruction template)."""
+    if context.strip():
+        text = (f"### Instruction:\\n{instruction.strip()}\\n\\n### Input:\\n{context.strip()}\\n\\n"
+                "### Response:\\n")
+    else:
+        text = f"### Instruction:\\n{instruction.strip()}\\n\\n### Response:\\n"
+    return (tokenizer.bos_token or "") + text'''
+
+
+def _metric_table(results: dict[str, Any]) -> list[str]:
+    cols = (("EM", "exact_match"), ("F1", "token_f1"), ("ROUGE-L", "rouge_l"), ("BLEU", "bleu"),
+            ("JSON fields", "json_field_accuracy"), ("Answer", "answer_exact_match"),
+            ("Perplexity", "perplexity"), ("EOS rate", "eos_rate"))
+
+    def cell(v: Any, k: str, signed: bool = False) -> str:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return "-"
+        fmt = ".2f" if k == "perplexity" else ".3f"
+        return format(v, ("+" if signed else "") + fmt)
+
+    metrics = results.get("metrics") or {}
+    base = results.get("base_metrics")
+    lines = ["| Category | n | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    groups = list((metrics.get("by_category") or {}).items()) + [("**overall**", metrics.get("overall") or {})]
+    for group, summary in groups:
+        lines.append(f"| {group} | {summary.get('n', '-')} | " +
+                     " | ".join(cell(summary.get(k), k) for _, k in cols) + " |")
+    if isinstance(base, dict):
+        b = base.get("overall") or {}
+        d = (results.get("deltas") or {}).get("overall") or {}
+        lines.append(f"| base model (no adapter) | {b.get('n', '-')} | " +
+                     " | ".join(cell(b.get(k), k) for _, k in cols) + " |")
+        lines.append("| adapter - base | | " + " | ".join(cell(d.get(k), k, True) for _, k in cols) + " |")
+    return lines
+
+
+def build_model_card(*, name: str, meta: dict[str, Any], tokenizer, prompt_format: str,
+                     members: Sequence[str], eval_results: dict[str, Any] | None) -> str:
+
+    base = meta["base_model"]
+    embedded = is_embedded(base)
+    base_line = ('"/path/to/smollm2-135m-instruct"  # the embedded model: `python3 '
+                 'llama_model.py` prints its folder' if embedded else json.dumps(base))
+    rendered = render_prompt(tokenizer, prompt_format, *CARD_EXAMPLE)
+    lora = meta["lora"]
+    lines = [
+        f"# {name}",
+        "",
+        f"A LoRA adapter for `{base}`" + (f" ({meta['model_size']})" if meta.get("model_size") else "")
+        + ", fine-tuned for instruction following with the llama-sft toolkit.",
+        "",
+        f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+        f"target modules: {_short_targets(lora.get('target_modules'))}",
+        f"- Trained on a {meta['quantization']} quantized base (QLoRA)" if meta.get("quantization")
+        else "- Trained on the unquantized base",
+        f"- Prompt format: `{prompt_format}`; max length {meta.get('max_length')} tokens",
+        f"- Dataset: {meta['dataset'].get('name')} (dataset hash {meta['dataset'].get('dataset_hash')})",
+        f"- trust_remote_code: {str(meta['trust_remote_code']).lower()}",
+        "",
+        "## Usage",
+        "",
+        "Load the base model, put the adapter on top (optionally merge it), and generate. Install "
+        "the pinned libraries first: `pip install -r requirements.txt`.",
+        "",
+        "```python",
+        "import torch",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base_model = {base_line}",
+        f'adapter = "./{name}"  # this folder, extracted from {name}.tar.gz',
+        "",
+        "tokenizer = AutoTokenizer.from_pretrained(adapter)",
+        'model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16, device_map="auto")',
+        "model = PeftModel.from_pretrained(model, adapter)",
+        "model = model.merge_and_unload()  # optional: fold the adapter into the weights",
+        "model.eval()",
+        "",
+        _prompt_builder_code(prompt_format),
+        "",
+        f"prompt = build_prompt({CARD_EXAMPLE[0]!r},",
+        f"                      {CARD_EXAMPLE[1]!r})",
+        "# The prompt already holds its special tokens: do not let the tokenizer add a second BOS.",
+        'inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)',
+        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "## Prompt format",
+        "",
+        f"The adapter was trained on `{prompt_format}` prompts and answers well only in that exact "
+        "format. `build_prompt` above renders the example as:",
+        "",
+        "```text",
+        rendered.rstrip("\n"),
+        "```",
+        "",
+        "Exactly, as a Python string (note the trailing newline: the answer starts right after it):",
+        "",
+        "```python",
+        repr(rendered),
+        "```",
+        "",
+    ]
+    if eval_results:
+        ds = (meta.get("evaluation") or {}).get("dataset") or {}
+        lines += ["## Evaluation", "",
+                  f"Greedy decoding on {ds.get('examples_evaluated', '?')} examples of "
+                  f"`{ds.get('name')}` (full results in `{EVAL_RESULTS}`). EM: exact match; F1: token "
+                  "F1; JSON fields: share of reference JSON keys matched; Answer: exact match of "
+                  "the extracted final answer; Perplexity: on the reference responses.", ""]
+        lines += _metric_table(eval_results)
+        lines.append("")
+    if meta.get("merge"):
+        m = meta["merge"]
+        lines += ["## Merged model", "",
+                  f"`{m['folder']}/` (beside the archive) holds the adapter merged into the "
+                  f"{m['dtype']} weights of `{m['base_model']}`; load it with "
+                  "`AutoModelForCausalLM.from_pretrained` alone, without peft."]
+        if m.get("trained_quantization"):
+            lines.append(f"The adapter was trained on a {m['trained_quantization']} quantized base "
+                         "(QLoRA) but merged into the unquantized base weights, so the merged "
+                         "model's outputs can differ slightly from adapter-on-quantized-base.")
+        lines.append("")
+    lines += ["## Files and verification", "",
+              "| File | sha256 |", "|---|---|"]
+    lines += [f"| `{m}` | `{meta['files'][m][:16]}...` |" for m in members if m in meta["files"]]
+    lines += ["", f"`{SUMS}` lists the sha256 of every file. Check it with "
+              f"`cd {name} && sha256sum -c {SUMS}`, or check everything and test-generate with:", "",
+              "```bash", f"python3 llama_package.py --verify {name}.tar.gz", "```", ""]
+    return "\n".join(lines)
+
+
+def _short_targets(targets: Any) -> str:
+    if isinstance(targets, list):
+        names = sorted({str(t).rsplit(".", 1)[-1] for t in targets})
+        return ", ".join(names)
+    return str(targets)

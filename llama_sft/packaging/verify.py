@@ -1,0 +1,189 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from llama_sft.config import PackageArgs
+from llama_sft.data.prompts import render_prompt, resolve_prompt_format
+from llama_sft.errors import ModelLoadError, PackageError, VerifyError
+from llama_sft.evaluation.generate import generate
+from llama_sft.files import output_dir_problem, sha256_file
+from llama_sft.layout import METADATA, REQUIRED_MEMBERS, SUMS
+from llama_sft.modeling.load import load_for_inference
+from llama_sft.packaging.archive import check_member, read_sums
+from llama_sft.packaging.metadata import installed_versions
+
+logger = logging.getLogger("llama_sft")
+
+VERIFY_INSTRUCTION = "List three primary colors, separated by commas."
+
+
+VERIFY_MAX_NEW_TOKENS = 24
+
+
+# Greedy text must be reproduced exactly only when these, the dtype and the device are the same.
+GENERATION_LIBRARIES = ("torch", "transformers", "peft")
+
+
+def reference_generation(adapter: Path, base_model: str | None, *, trust_remote_code: bool,
+                         prompt_format: str | None) -> dict[str, Any]:
+    """Greedy generation of the adapter on its base for the fixed verification prompt."""
+
+    model, tok, run_cfg = load_for_inference(adapter_path=str(adapter), base_model=base_model,
+                                             trust_remote_code=trust_remote_code)
+    fmt = resolve_prompt_format(tok, prompt_format or run_cfg.get("prompt_format") or "auto")
+    prompt = render_prompt(tok, fmt, VERIFY_INSTRUCTION, "")
+    gen = generate(model, tok, [prompt], max_new_tokens=VERIFY_MAX_NEW_TOKENS, batch_size=1)[0]
+    param = next(model.parameters())
+    return {"instruction": VERIFY_INSTRUCTION, "prompt": prompt, "max_new_tokens":
+            VERIFY_MAX_NEW_TOKENS, "text": gen.text, "new_tokens": gen.new_tokens,
+            "dtype": str(param.dtype).replace("torch.", ""), "device": param.device.type,
+            "libraries": installed_versions(GENERATION_LIBRARIES)}
+
+
+def run_verify(cfg: PackageArgs) -> dict[str, Any]:
+    """Check, extract, reload and generate; raise VerifyError on any mismatch."""
+    archive = Path(cfg.verify)
+    if not archive.is_file():
+        raise PackageError(f"--verify {archive}: file not found (build one with "
+                           "`python3 llama_package.py --adapter-path ... --output-dir ./packages`)")
+    sidecar = archive.with_name(archive.name + ".sha256")
+    archive_sha = sha256_file(archive)
+    if sidecar.is_file():
+        recorded = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
+        if recorded != archive_sha:
+            raise VerifyError(f"{archive.name}: sha256 {archive_sha[:16]}... does not match "
+                              f"{sidecar.name} ({recorded[:16]}...): the archive was modified")
+        print(f"archive sha256 matches {sidecar.name}")
+    try:
+        tar = tarfile.open(archive, mode="r:gz")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise VerifyError(f"{archive}: not a readable .tar.gz ({e})") from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise VerifyError(f"{archive}: corrupt archive ({e})") from None
+        seen, tops = set(), set()
+        for member in members:
+            problem = check_member(member)
+            if problem:
+                raise VerifyError(f"{archive.name}: refusing member {member.name!r}: {problem}; "
+                                  "nothing was extracted")
+            norm = str(PurePosixPath(member.name))
+            if norm in seen:
+                raise VerifyError(f"{archive.name}: member {member.name!r} appears twice")
+            seen.add(norm)
+            tops.add(PurePosixPath(norm).parts[0])
+        if len(tops) != 1:
+            raise VerifyError(f"{archive.name}: expected one top-level folder, found "
+                              f"{sorted(tops)[:5]}")
+        top = tops.pop()
+        if cfg.extract_to:
+            dest = Path(cfg.extract_to)
+            problem = output_dir_problem("--extract-to", dest)
+            if problem:
+                raise PackageError(problem)
+            if dest.exists() and any(dest.iterdir()):
+                raise PackageError(f"--extract-to {dest}: folder is not empty")
+            dest.mkdir(parents=True, exist_ok=True)
+            keep = True
+        else:
+            dest = Path(tempfile.mkdtemp(prefix="llama_verify_"))
+            keep = False
+        try:
+            tar.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            if not keep:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise VerifyError(f"{archive.name}: extraction refused ({e})") from None
+    try:
+        return _verify_extracted(cfg, archive, dest / top, archive_sha)
+    finally:
+        if not keep:
+            shutil.rmtree(dest, ignore_errors=True)
+
+
+def _verify_extracted(cfg: PackageArgs, archive: Path, folder: Path, archive_sha: str) -> dict[str, Any]:
+
+    if not folder.is_dir():
+        raise VerifyError(f"{archive.name}: the top-level entry is not a folder")
+    missing = [m for m in REQUIRED_MEMBERS if not (folder / m).is_file()]
+    if missing:
+        raise VerifyError(f"{archive.name}: missing {', '.join(missing)}")
+    sums = read_sums(folder / SUMS)
+    files = {p.name for p in folder.iterdir()}
+    subdirs = [p.name for p in folder.iterdir() if not p.is_file()]
+    if subdirs:
+        raise VerifyError(f"{archive.name}: unexpected folder(s) {subdirs}")
+    unlisted = sorted(files - set(sums) - {SUMS})
+    if unlisted:
+        raise VerifyError(f"{archive.name}: {', '.join(unlisted)} not covered by {SUMS}")
+    for rel, digest in sums.items():
+        if rel not in files:
+            raise VerifyError(f"{archive.name}: {rel} is listed in {SUMS} but missing")
+        actual = sha256_file(folder / rel)
+        if actual != digest:
+            raise VerifyError(f"{archive.name}: {rel} does not match {SUMS} (sha256 "
+                              f"{actual[:16]}..., expected {digest[:16]}...): the archive was "
+                              "modified or corrupted")
+    print(f"{SUMS}: {len(sums)} files OK")
+    try:
+        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise VerifyError(f"{METADATA}: not valid JSON ({e})") from None
+    for rel, digest in (meta.get("files") or {}).items():
+        if sums.get(rel) != digest:
+            raise VerifyError(f"{METADATA} and {SUMS} disagree about {rel}")
+
+    reference = meta.get("reference_generation")
+    try:
+        model, tok, run_cfg = load_for_inference(adapter_path=str(folder), base_model=cfg.base_model,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    except ModelLoadError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise VerifyError(f"the packaged adapter does not load on its base model: {first}") from None
+
+    fmt = resolve_prompt_format(tok, run_cfg.get("prompt_format") or "auto")
+    prompt = render_prompt(tok, fmt, VERIFY_INSTRUCTION, "")
+    gen = generate(model, tok, [prompt], max_new_tokens=VERIFY_MAX_NEW_TOKENS, batch_size=1)[0]
+    param = next(model.parameters())
+    dtype, device = str(param.dtype).replace("torch.", ""), param.device.type
+    print(f"base model: {run_cfg.get('base_model') if not cfg.base_model else cfg.base_model}")
+    print(f"prompt ({fmt} format):\n{prompt}")
+    print(f"greedy generation ({VERIFY_MAX_NEW_TOKENS} tokens max):\n{gen.text}")
+    matches = None
+    if reference and reference.get("prompt") == prompt:
+        same_setup = (reference.get("dtype") == dtype and reference.get("device") == device
+                      and reference.get("libraries") == installed_versions(GENERATION_LIBRARIES))
+        matches = reference.get("text") == gen.text
+        if not matches and same_setup:
+            raise VerifyError("the packaged adapter generates a different text than it did when "
+                              f"packaged ({dtype} on {device}):\n  packaged: "
+                              f"{reference.get('text')!r}\n  now:      {gen.text!r}")
+        if matches:
+            print("generation matches the one recorded at packaging time")
+        else:
+            logger.warning("generation differs from the one recorded at packaging time (%s on "
+                           "%s with %s; now %s on %s with %s): numerics differ across devices, "
+                           "dtypes and library versions", reference.get("dtype"),
+                           reference.get("device"), reference.get("libraries"), dtype, device,
+                           installed_versions(GENERATION_LIBRARIES))
+    elif reference:
+        logger.warning("the recorded reference used another prompt; not compared")
+    else:
+        print("no reference generation recorded at packaging time; checked that it loads and "
+              "generates")
+    return {"archive": str(archive), "archive_sha256": archive_sha, "files_checked": len(sums),
+            "prompt": prompt, "generation": gen.text, "matches_reference": matches,
+            "base_model": cfg.base_model or run_cfg.get("base_model"),
+            "extracted_to": str(folder) if cfg.extract_to else None}

@@ -1,0 +1,112 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from llama_sft.cli import is_main_process
+from llama_sft.errors import RunSetupError
+from llama_sft.files import write_json_atomic, write_manifest
+from llama_sft.layout import CONSUMED_IDS, RUN_OUTPUTS
+from llama_sft.training.checkpoints import list_checkpoints
+
+
+def peak_memory_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def plot_loss_curve(metrics_file: Path, out_png: Path, title: str = "Loss") -> bool:
+    """Train and eval loss against step; returns False when there is nothing to plot."""
+    train, evals = [], []
+    if not metrics_file.is_file():
+        return False
+    for line in metrics_file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in rec and "step" in rec:
+            train.append((rec["step"], rec["loss"]))
+        if "eval_loss" in rec and "step" in rec:
+            evals.append((rec["step"], rec["eval_loss"]))
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per supervised token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return True
+
+
+def check_output_dir(output_dir: Path, resume: str | None,
+                     outputs: Sequence[str] = RUN_OUTPUTS) -> None:
+    """Refuse to write into a folder that already holds a run (its checkpoints, final model or
+    logs, or any of `outputs`) unless resuming: RunSetupError, before anything is written."""
+    if resume or not output_dir.is_dir():
+        return
+    if (list_checkpoints(output_dir) or (output_dir / "final_model").exists()
+            or (output_dir / "metrics.jsonl").exists() or (output_dir / CONSUMED_IDS).exists()):
+        raise RunSetupError(f"--output-dir {output_dir} already holds a training run. Continue it "
+                            "with --resume auto, or choose another --output-dir (nothing was "
+                            "overwritten)")
+    found = [n for n in outputs if (output_dir / n).exists()]
+    if found:
+        raise RunSetupError(f"--output-dir {output_dir} already holds {', '.join(found)} from an "
+                            "earlier run. Continue that run with --resume auto, or choose another "
+                            "--output-dir (nothing was overwritten)")
+
+
+def save_final_model(model, tokenizer, output_dir: Path, run_config: dict[str, Any]) -> Path:
+    """final_model/: adapter (safetensors), tokenizer, run_config.json; written then renamed."""
+    final = output_dir / "final_model"
+    tmp = output_dir / ".final_model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(tmp / "run_config.json", run_config)
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def finish_outputs(result: dict[str, Any], *, tokenizer, output_dir: Path,
+                   run_config: dict[str, Any]) -> dict[str, Any]:
+    """final_model/, train_results.json and loss_curve.png after a run."""
+
+    model = result.pop("model")
+    if not is_main_process():
+        return result
+    if result.get("exit_code") is None:
+        final = save_final_model(model, tokenizer, output_dir, run_config)
+        result["final_model"] = str(final)
+    if plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
+                       title=f"{run_config['stage']}: {run_config['base_model']}"):
+        result["loss_curve"] = str(output_dir / "loss_curve.png")
+    write_json_atomic(output_dir / "train_results.json", result)
+    return result

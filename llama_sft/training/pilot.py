@@ -1,0 +1,266 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from llama_sft.config import PilotArgs, log_overrides, resolve_config, validate
+from llama_sft.data.loader import file_sha256, load_and_validate, load_examples
+from llama_sft.data.prompts import (
+    render_prompt,
+    resolve_prompt_format,
+    sample_prompts_from,
+)
+from llama_sft.data.splits import dataset_hash, split_examples
+from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
+from llama_sft.errors import DatasetError
+from llama_sft.evaluation.generate import generate
+from llama_sft.evaluation.metrics import aggregate, score_example
+from llama_sft.files import write_json_atomic
+from llama_sft.layout import RUN_OUTPUTS
+from llama_sft.modeling.load import load_model, load_tokenizer, resolve_base_model
+from llama_sft.modeling.loss import mean_supervised_loss
+from llama_sft.training.outputs import check_output_dir, finish_outputs
+from llama_sft.training.recipe import run_sft
+from llama_sft.training.train import make_run_config
+
+logger = logging.getLogger("llama_sft")
+
+
+
+
+
+def task_score(m: dict[str, Any]) -> float:
+    """One number per example: JSON field accuracy for JSON answers, final-answer exact match
+    where the reference has a '#### N' answer, else normalised exact match."""
+    if m.get("json_field_accuracy") is not None:
+        return float(m["json_field_accuracy"])
+    if m.get("answer_exact_match") is not None:
+        return float(m["answer_exact_match"])
+    return float(m["exact_match"])
+
+
+def score_generations(examples, generations, answer_regex) -> tuple[list[dict], dict[str, Any]]:
+
+    rows = []
+    for ex, g in zip(examples, generations):
+        m = score_example(g.text, ex.response, answer_regex=answer_regex)
+        m["task_score"] = task_score(m)
+        rows.append({**m, "category": ex.category, "new_tokens": g.new_tokens,
+                     "ended_with_eos": g.ended_with_eos, "prediction": g.text,
+                     "reference": ex.response})
+    summary = aggregate(rows, by="category")
+    _add_task_score(summary, rows)
+    return rows, summary
+
+
+def _add_task_score(summary: dict[str, Any], rows: list[dict]) -> None:
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
+    summary["overall"]["task_score"] = mean([r["task_score"] for r in rows])
+    for cat, group in summary["by_category"].items():
+        group["task_score"] = mean([r["task_score"] for r in rows if r["category"] == cat])
+
+
+def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
+                          tokens_per_second: float) -> dict[str, Any]:
+    """Full-training time on --dataset at the measured throughput (same model and settings)."""
+
+    path = cfg.dataset
+    if not path or not Path(path).is_file():
+        return {"available": False,
+                "reason": f"--dataset {path} not found" if path else "no --dataset given"}
+    examples = load_examples(path, field_map=cfg.field_map, skip_invalid=True)
+    splits, _ = split_examples(examples, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
+    stats = TokenizeStats()
+    tokenize_examples(splits["train"], tokenizer, max_length=cfg.max_length,
+                      prompt_format=prompt_format, stats=stats)
+    epochs = cfg.num_epochs
+    tokens = stats.total_tokens * epochs
+    seconds = tokens / max(tokens_per_second, 1e-9)
+    return {"available": True, "dataset": Path(path).name, "train_examples": len(splits["train"]),
+            "epochs": epochs, "tokens": int(tokens),
+            "measured_tokens_per_second": round(tokens_per_second, 1),
+            "projected_seconds": round(seconds), "projected_hours": round(seconds / 3600, 2),
+            "note": "same model, hardware and settings as this pilot; a GPU or another model "
+                    "size changes it"}
+
+
+def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
+
+    output_dir = Path(cfg.output_dir)
+    check_output_dir(output_dir, cfg.resume, RUN_OUTPUTS + ("pilot_evaluation.json",))
+    golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
+                                  skip_invalid=cfg.skip_invalid, what="--golden-set")
+    splits, removed = split_examples(golden, val_ratio=cfg.holdout_ratio, test_ratio=0.0)
+    train_ex, held_out = splits["train"], splits["val"]
+    if len(train_ex) < 4 or len(held_out) < 2:
+        raise DatasetError(f"--golden-set {cfg.golden_set}: {len(golden)} examples leave "
+                           f"{len(train_ex)} to train and {len(held_out)} to hold out; the pilot "
+                           "needs at least 4 and 2 (the guide's golden set has 150)")
+    import torch  # after the checks on the output folder and the data: bad input fails fast
+
+    base_model = resolve_base_model(cfg.model_size, cfg.base_model)
+    logger.info("pilot model: %s (%s)", base_model, model_choice)
+    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
+    fmt = resolve_prompt_format(tokenizer, cfg.prompt_format)
+    train_rows = tokenize_examples(train_ex, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
+    held_rows = tokenize_examples(held_out, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
+    prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in held_out]
+    dataset_info = {"path": Path(cfg.golden_set).name, "file_sha256": file_sha256(cfg.golden_set),
+                    "dataset_hash": dataset_hash(golden),
+                    "splits": {"train": len(train_ex), "held_out": len(held_out)},
+                    "removed": removed}
+    run_config = make_run_config(cfg, stage="pilot", base_model=base_model, prompt_format=fmt,
+                                 dataset_info=dataset_info)
+
+    t_start = time.perf_counter()
+    model = load_model(base_model, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+                       trust_remote_code=cfg.trust_remote_code, for_training=True)
+    logger.info("before training: evaluating the base model on %d held-out examples",
+                len(held_out))
+    base_loss = mean_supervised_loss(model, held_rows, tokenizer.pad_token_id)
+    base_gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                         batch_size=cfg.eval_batch_size, progress=True)
+    base_rows, base_summary = score_generations(held_out, base_gens, cfg.answer_regex)
+
+    samples = sample_prompts_from(held_out, tokenizer, fmt, cfg.num_sample_prompts)
+    result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=held_rows,
+                     sample_prompts=samples, run_config=run_config, tokenizer=tokenizer,
+                     model=model, stage="pilot")
+    if result.get("exit_code"):
+        # Stopped by SIGINT/SIGTERM: the checkpoint is saved; the evaluation would only be of
+        # a half-trained adapter, so stop here and say how to continue.
+        result.pop("model")
+        return {"interrupted": True, "exit_code": result["exit_code"], "status": result["status"],
+                "global_step": result["global_step"]}
+    tuned = result["model"]
+    logger.info("after training: evaluating the tuned model on %d held-out examples",
+                len(held_out))
+    tuned_loss = mean_supervised_loss(tuned, held_rows, tokenizer.pad_token_id)
+    gen_stats: dict[str, Any] = {}
+    tuned_gens = generate(tuned, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.eval_batch_size, progress=True, stats=gen_stats)
+    tuned_rows, tuned_summary = score_generations(held_out, tuned_gens, cfg.answer_regex)
+    train_results = finish_outputs(result, tokenizer=tokenizer, output_dir=output_dir,
+                                   run_config=run_config)
+
+    losses = _train_losses(output_dir / "metrics.jsonl")
+    before, after = base_summary["overall"], tuned_summary["overall"]
+    non_finite = any(not math.isfinite(x) for x in losses + [tuned_loss])
+    checks = {
+        "loss_decreased": _check(len(losses) >= 2 and losses[-1] < losses[0],
+                                 f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else
+                                 "no loss logged"),
+        "no_nan": _check(not non_finite, "all logged losses finite" if not non_finite else
+                         "a non-finite loss was logged"),
+        "generations_end_with_eos": _check(after.get("eos_rate", 0) >= 0.9,
+                                           f"{after.get('eos_rate', 0):.0%} of tuned generations "
+                                           f"ended with EOS within {cfg.max_new_tokens} tokens "
+                                           "(need >= 90%)"),
+        "tuned_beats_base": _check(after["task_score"] > before["task_score"] and
+                                   tuned_loss < base_loss,
+                                   f"task score {before['task_score']:.3f} -> "
+                                   f"{after['task_score']:.3f}, held-out loss {base_loss:.4f} -> "
+                                   f"{tuned_loss:.4f}"),
+    }
+    go = all(c["passed"] for c in checks.values())
+    report: dict[str, Any] = {
+        "model": {"base_model": base_model, "model_size": cfg.model_size, "why": model_choice,
+                  "quantization": run_config["quantization"], "prompt_format": fmt,
+                  "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "data": dataset_info,
+        "training": {
+            "steps": train_results["global_step"], "max_steps": cfg.max_steps,
+            "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "learning_rate": cfg.learning_rate, "lora": run_config["lora"],
+            "train_seconds": train_results["train_runtime_seconds"],
+            "tokens_per_second": train_results["tokens_per_second"],
+            "supervised_tokens_per_second": train_results["supervised_tokens_per_second"],
+            "peak_memory_mb": train_results["peak_memory_mb"],
+            "loss_start": losses[0] if losses else None,
+            "loss_end": losses[-1] if losses else None,
+            "status": train_results["status"],
+        },
+        "eval_before": {"loss": round(base_loss, 6), "perplexity": round(math.exp(min(base_loss, 50)), 4),
+                        "metrics": base_summary},
+        "eval_after": {"loss": round(tuned_loss, 6), "perplexity": round(math.exp(min(tuned_loss, 50)), 4),
+                       "metrics": tuned_summary},
+        "task_metric": {"name": "task_score", "before": round(before["task_score"], 4),
+                        "after": round(after["task_score"], 4),
+                        "exact_match_before": round(before.get("exact_match", 0), 4),
+                        "exact_match_after": round(after.get("exact_match", 0), 4),
+                        "held_out_examples": len(held_out)},
+        "samples": [{"category": ex.category, "prompt": p, "reference": ex.response,
+                     "base_output": b.text, "tuned_output": t.text}
+                    for ex, p, b, t in list(zip(held_out, prompts, base_gens, tuned_gens))[:10]],
+        "generation": gen_stats,
+        "projection": project_full_training(cfg, tokenizer, fmt,
+                                            train_results["tokens_per_second"]),
+        "checks": checks,
+        "go": go,
+        "recommendation": ("GO: the pipeline works and fine-tuning helps; run full training "
+                           "(llama_train.py)") if go else
+                          ("NO-GO: " + "; ".join(f"{k}: {c['reason']}" for k, c in checks.items()
+                                                 if not c["passed"])),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "final_model": train_results.get("final_model"),
+    }
+    write_json_atomic(output_dir / "pilot_evaluation.json", report)
+    return report
+
+
+def _check(passed: bool, reason: str) -> dict[str, Any]:
+    return {"passed": bool(passed), "reason": reason}
+
+
+def _train_losses(metrics_file: Path) -> list[float]:
+    """Logged train losses, each the mean over its logging window. The step-1 record (one
+    batch, logged first) is left out when fuller windows follow: one batch is too noisy to
+    compare against."""
+    import json
+
+    recs = []
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                recs.append(rec)
+    if len(recs) > 2 and recs[0].get("step") == 1 and recs[1].get("step", 0) > 2:
+        recs = recs[1:]
+    return [float(r["loss"]) for r in recs]
+
+
+def format_summary(r: dict[str, Any]) -> str:
+    t, tm = r["training"], r["task_metric"]
+    lines = [
+        f"Pilot: {r['model']['base_model']} ({r['model']['why']})",
+        f"  trained {t['steps']} steps in {t['train_seconds']:.0f} s "
+        f"({t['tokens_per_second']:.0f} tok/s, peak memory {t['peak_memory_mb']:.0f} MB); "
+        f"train loss {t['loss_start']:.4f} -> {t['loss_end']:.4f}",
+        f"  held-out ({tm['held_out_examples']} examples): loss {r['eval_before']['loss']:.4f} -> "
+        f"{r['eval_after']['loss']:.4f}, task score {tm['before']:.3f} -> {tm['after']:.3f}, "
+        f"exact match {tm['exact_match_before']:.3f} -> {tm['exact_match_after']:.3f}",
+    ]
+    by_b = r["eval_before"]["metrics"]["by_category"]
+    by_a = r["eval_after"]["metrics"]["by_category"]
+    for cat in by_a:
+        lines.append(f"    {cat:<24} {by_b[cat]['task_score']:.2f} -> {by_a[cat]['task_score']:.2f}"
+                     f"  (n={by_a[cat]['n']})")
+    p = r["projection"]
+    if p.get("available"):
+        lines.append(f"  full training on {p['dataset']} ({p['train_examples']} examples x "
+                     f"{p['epochs']:g} epochs) at this speed: ~{p['projected_hours']:.1f} h")
+    for name, c in r["checks"].items():
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {name}: {c['reason']}")
+    lines.append(r["recommendation"])
+    return "\n".join(lines)
+
+

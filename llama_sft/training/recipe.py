@@ -1,0 +1,273 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from llama_sft.cli import is_main_process
+from llama_sft.data.batching import PadCollator, TokenizedDataset
+from llama_sft.errors import RunSetupError, TrainingError
+from llama_sft.evaluation.generate import generate
+from llama_sft.layout import RESUME_STATE, STEP_LOGS
+from llama_sft.modeling import attention
+from llama_sft.modeling.load import add_lora, cpu_has_bf16, load_model
+from llama_sft.training.callbacks import make_callbacks
+from llama_sft.training.checkpoints import (
+    CHECKPOINT_RE,
+    find_resume_checkpoint,
+    latest_good_checkpoint,
+    remove_stale_staging,
+    truncate_step_logs,
+)
+from llama_sft.training.faults import FaultInjection
+from llama_sft.training.outputs import peak_memory_mb
+from llama_sft.training.signals import EXIT_INTERRUPTED, SignalCatcher
+from llama_sft.training.tracking import finish_wandb, setup_wandb
+from llama_sft.training.trainer import is_out_of_memory, make_trainer_class
+
+logger = logging.getLogger("llama_sft")
+
+
+def build_training_args(cfg: Any, output_dir: Path, *, has_eval: bool, bf16: bool, fp16: bool):
+    from transformers import TrainingArguments
+
+    save_steps = cfg.save_steps or cfg.eval_steps
+    early = has_eval and cfg.early_stopping_patience is not None
+    if early and save_steps % cfg.eval_steps:
+        raise RunSetupError(f"--save-steps {save_steps} must be a multiple of --eval-steps "
+                            f"{cfg.eval_steps} for early stopping to keep the best checkpoint")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=max(cfg.batch_size, 8),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=None,  # retention is ours: only after the new checkpoint is complete
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        bf16=bf16,
+        fp16=fp16,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["wandb"] if cfg.use_wandb else "none",
+        run_name=output_dir.name,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length",
+        dataloader_num_workers=0,
+        prediction_loss_only=True,
+        use_cpu=not _cuda_available(),
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precision_flags(device: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for mixed precision. fp16 only where bf16 is missing, with a warning."""
+    import torch
+
+
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True, False
+        logger.warning("this GPU has no bf16: training in fp16, which LLaMA can overflow in; watch "
+                       "for a non-finite loss")
+        return False, True
+    return cpu_has_bf16(), False
+
+
+def resolve_attn_implementation(name: str | None, device: str) -> str:
+    """--attn-implementation auto: on a CPU, llama_attention's "sdpa_recompute" (SDPA's memory,
+    eager's speed: bench/RESULTS.md); sdpa elsewhere. Registers it with transformers when used."""
+    if not name or name == "auto":
+        name = "sdpa_recompute" if device == "cpu" else "sdpa"
+    if name == "sdpa_recompute":
+
+        attention.register()
+    return name
+
+
+def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: list[dict],
+            sample_prompts: list[dict], run_config: dict[str, Any], tokenizer,
+            model=None, stage: str = "train", on_trainer: Callable | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter and write the output layout; returns what it measured.
+
+    `sample_prompts`: [{prompt (rendered), prompt_preview, reference}] generated at each eval.
+    `model`: a prepared base (unwrapped) model, or None to load cfg.base_model."""
+    import torch
+    from transformers import EarlyStoppingCallback
+
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16, fp16 = precision_flags(device)
+    faults = FaultInjection.from_env()
+    resume_from = find_resume_checkpoint(output_dir, cfg.resume, run_config, cfg.force)
+    start_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from else 0
+    if is_main_process():
+        remove_stale_staging(output_dir)
+        if resume_from is not None:
+            truncate_step_logs(output_dir, start_step)
+        elif cfg.resume:
+            # Nothing to resume: a fresh run must not append to an old run's logs.
+            for name in STEP_LOGS:
+                (output_dir / name).unlink(missing_ok=True)
+    if cfg.use_wandb:
+        setup_wandb(cfg)
+    if model is None:
+        model = load_model(run_config["base_model"], use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+                           trust_remote_code=cfg.trust_remote_code, for_training=True)
+    attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), device)
+    if getattr(model.config, "_attn_implementation", None) != attn:
+        model.set_attn_implementation(attn)
+    # LoRA A is initialised from the global RNG: seed first, or two runs with the same --seed
+    # start from different adapters.
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     target_modules=cfg.lora_target_modules,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d alpha=%d dropout=%g on %s: %.2fM trainable of %.1fM parameters",
+                cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                trainable / 1e6, total / 1e6)
+
+    def sample_fn(m):
+        if not sample_prompts:
+            return []
+        gens = generate(m, tokenizer, [s["prompt"] for s in sample_prompts],
+                        max_new_tokens=cfg.max_new_tokens, batch_size=len(sample_prompts))
+        return [{"prompt_preview": s["prompt_preview"], "reference": s["reference"],
+                 "generation": g.text, "ended_with_eos": g.ended_with_eos}
+                for s, g in zip(sample_prompts, gens)]
+
+    stop_flag: dict[str, Any] = {}
+    args = build_training_args(cfg, output_dir, has_eval=bool(eval_rows), bf16=bf16, fp16=fp16)
+    backoff = bool(getattr(cfg, "auto_batch_backoff", False))
+    if backoff and args.world_size > 1:
+        raise RunSetupError("--auto-batch-backoff works in a single process only (each process "
+                            "would split its micro-batches differently); leave it out and set "
+                            "--batch-size / --gradient-accumulation-steps")
+    progress, guard, samples_cb, consumed = make_callbacks(
+        output_dir=output_dir, cfg=cfg, sample_fn=sample_fn, keep=cfg.save_total_limit,
+        stop_flag=stop_flag, faults=faults)
+    trainer_cls = make_trainer_class()
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=TokenizedDataset(train_rows),
+        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
+        data_collator=PadCollator(tokenizer.pad_token_id,
+                                  pad_to_multiple_of=8 if device == "cuda" else None,
+                                  example_ids=True),
+        processing_class=tokenizer,
+    )
+    trainer.auto_batch_backoff = backoff
+    trainer.faults = faults
+    trainer.loss_hook = faults.loss_hook()
+    trainer.checkpoint_extras = lambda state: {
+        "run_config.json": run_config,
+        RESUME_STATE: {"config_hash": run_config["config_hash"],
+                       "dataset_hash": run_config["dataset"].get("dataset_hash"),
+                       "global_step": state.global_step},
+    }
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    progress.trainer = consumed.trainer = trainer
+    # First in line, so the numbers it adds to each log (tokens/s, perplexity) reach W&B too.
+    trainer.callback_handler.callbacks.insert(0, progress)
+    for cb in (guard, samples_cb, consumed):
+        trainer.add_callback(cb)
+    if args.load_best_model_at_end:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    if on_trainer is not None:
+        on_trainer(trainer)
+
+    t0 = time.perf_counter()
+    status = "completed"
+    with SignalCatcher(stop_flag):
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException as e:
+            if cfg.use_wandb:
+                finish_wandb()
+            if not is_out_of_memory(e):
+                raise
+            newest = latest_good_checkpoint(output_dir) if is_main_process() else None
+            raise TrainingError(
+                f"out of memory at step {trainer.state.global_step + 1} (micro-batch of "
+                f"{trainer.micro_batch_limit or cfg.batch_size} rows, --max-length "
+                f"{cfg.max_length}). What was written is intact (newest complete checkpoint: "
+                f"{newest.name if newest else 'none'}). To fit: lower --batch-size and raise "
+                "--gradient-accumulation-steps to keep the effective batch (or add "
+                "--auto-batch-backoff, which does that on its own and can continue this run with "
+                "--resume auto), use --use-4bit, add --gradient-checkpointing, or lower "
+                "--max-length") from None
+    elapsed = time.perf_counter() - t0
+    if stop_flag.get("signal") is not None:
+        status = f"interrupted by {signal.Signals(stop_flag['signal']).name}"
+    state = trainer.state
+    early_stopped = (args.load_best_model_at_end and state.global_step < state.max_steps
+                     and stop_flag.get("signal") is None)
+    if early_stopped:
+        status = "early stopped"
+
+    final_eval = {}
+    if eval_rows and stop_flag.get("signal") is None:
+        last = [h for h in state.log_history if "eval_loss" in h]
+        if last and last[-1].get("step") == state.global_step and not args.load_best_model_at_end:
+            final_eval = last[-1]  # already evaluated at the last step
+        else:
+            final_eval = trainer.evaluate()
+    results: dict[str, Any] = {
+        "stage": stage,
+        "status": status,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": round(state.epoch or 0, 4),
+        "train_loss": round(result.training_loss, 6),
+        "train_runtime_seconds": round(elapsed, 2),
+        "tokens_seen": trainer.tokens_seen,
+        "supervised_tokens_seen": trainer.supervised_tokens_seen,
+        "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
+        "supervised_tokens_per_second": round(trainer.supervised_tokens_seen / max(elapsed, 1e-9), 2),
+        "seconds_per_step": round(elapsed / max(state.global_step - start_step, 1), 4),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_eval_loss": state.best_metric,
+        "early_stopped": bool(early_stopped),
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+    if final_eval:
+        results["eval_loss"] = round(final_eval["eval_loss"], 6)
+        results["eval_perplexity"] = round(math.exp(min(final_eval["eval_loss"], 50)), 4)
+    results["model"] = trainer.model
+    if cfg.use_wandb:
+        finish_wandb()
+    if stop_flag.get("signal") is not None:
+        results["exit_code"] = EXIT_INTERRUPTED[stop_flag["signal"]]
+    return results
