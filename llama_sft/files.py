@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Files on disk: sha256, atomic writes, the one manifest format (write / verify), and checks on
+paths given on the command line (each returns a problem or None)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llama_sft.layout import MANIFEST
+# The manifest: {"format_version": 1, "files": {relative path: sha256}}, written last into a
+# folder (checkpoints, final_model/) so that its presence means the folder is complete.
+MANIFEST = "checkpoint_manifest.json"
+MANIFEST_VERSION = 1
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -110,7 +114,7 @@ def write_manifest(folder: Path) -> None:
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
         sums[str(p.relative_to(folder))] = sha256_file(p)
-    write_json_atomic(folder / MANIFEST, {"files": sums})
+    write_json_atomic(folder / MANIFEST, {"format_version": MANIFEST_VERSION, "files": sums})
     _fsync_dir(folder)
 
 
@@ -123,13 +127,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def verify_checkpoint(folder: Path) -> str | None:
-    """None when the checkpoint is complete and intact, else the reason it is not."""
+def verify_manifest(folder: Path) -> str | None:
+    """None when the folder is complete and every file matches its manifest, else the reason."""
     m = folder / MANIFEST
     if not m.is_file():
         return "no manifest (the save did not finish)"
     try:
         sums = json.loads(m.read_text())["files"]
+        if not isinstance(sums, dict):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         return "unreadable manifest"
     for rel, digest in sums.items():

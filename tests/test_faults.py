@@ -35,7 +35,7 @@ from test_train import adapter_tensors, tiny_args
 
 import llama_train
 from llama_sft.errors import NonFiniteWeightsError
-from llama_sft.files import verify_checkpoint
+from llama_sft.files import verify_manifest
 from llama_sft.layout import CONSUMED_IDS, MANIFEST
 from llama_sft.training.checkpoints import latest_good_checkpoint, list_checkpoints
 from llama_sft.training.train import run_train
@@ -271,7 +271,7 @@ class KilledMidSave:
     rc: int
     names_after_kill: set[str]
     staging_files: set[str]
-    previous_problem: str | None      # verify_checkpoint(checkpoint-2) right after the kill
+    previous_problem: str | None      # verify_manifest(checkpoint-2) right after the kill
     latest_good_after_kill: str | None
     resumed_from: str | None
     resume_log: str
@@ -292,7 +292,7 @@ def killed_mid_save(work, tiny_llama_dir, reference) -> KilledMidSave:
     rc = child.wait()
     names = {p.name for p in child.out.iterdir()}
     staging_files = {p.name for p in staging.iterdir()} if staging.is_dir() else set()
-    problem = verify_checkpoint(child.out / "checkpoint-2")
+    problem = verify_manifest(child.out / "checkpoint-2")
     latest = latest_good_checkpoint(child.out)
     _, log = run_here(argv + ["--resume", "auto"])
     res = json.loads((child.out / "train_results.json").read_text())
@@ -328,7 +328,7 @@ def test_guarantee_04_kill9_mid_save_keeps_the_previous_good_checkpoint(killed_m
     k = killed_mid_save
     assert "checkpoint-2" in k.names_after_kill and k.previous_problem is None
     assert [c.name for c in list_checkpoints(k.out)] == [f"checkpoint-{MAX_STEPS}"]
-    assert verify_checkpoint(k.out / f"checkpoint-{MAX_STEPS}") is None
+    assert verify_manifest(k.out / f"checkpoint-{MAX_STEPS}") is None
 
 
 def test_guarantee_03_truncated_file_in_an_explicit_resume_is_a_clear_error(
@@ -372,7 +372,7 @@ def test_guarantee_05_signal_saves_a_complete_checkpoint_exits_with_its_code_and
     assert res["status"] == f"interrupted by {sig.name}" and res["exit_code"] == code
     assert 5 <= stopped < MAX_STEPS
     # The step in flight was finished and saved completely.
-    assert verify_checkpoint(child.out / f"checkpoint-{stopped}") is None
+    assert verify_manifest(child.out / f"checkpoint-{stopped}") is None
     assert latest_good_checkpoint(child.out).name == f"checkpoint-{stopped}"
     assert not (child.out / "final_model").exists()
     assert "--resume auto" in child.text()
@@ -397,7 +397,7 @@ def test_guarantee_06_non_finite_loss_stops_naming_the_step_and_no_checkpoint_ho
     ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["checkpoint-2"]
     for c in ckpts:
-        assert verify_checkpoint(c) is None
+        assert verify_manifest(c) is None
         _assert_all_finite(c)
     assert not (out / "final_model").exists()
 
@@ -439,7 +439,7 @@ def test_guarantee_07_out_of_memory_says_what_to_change_and_keeps_what_was_writt
     assert "newest complete checkpoint: checkpoint-2" in text
     # Nothing already written is lost: the checkpoint and the logged steps are those of the
     # reference run.
-    assert verify_checkpoint(out / "checkpoint-2") is None
+    assert verify_manifest(out / "checkpoint-2") is None
     assert loss_steps(out) == loss_steps(reference)[:2]
     assert consumed(out) == consumed(reference)[:2]
     assert not (out / "final_model").exists()

@@ -17,7 +17,7 @@ from llama_sft.data.batching import PadCollator
 from llama_sft.data.loader import load_examples
 from llama_sft.data.tokenize import tokenize_examples
 from llama_sft.errors import NonFiniteLossError
-from llama_sft.files import verify_checkpoint, write_manifest
+from llama_sft.files import verify_manifest, write_manifest
 from llama_sft.training.checkpoints import (
     latest_good_checkpoint,
     list_checkpoints,
@@ -188,7 +188,7 @@ def test_guarantee_01_sigint_mid_epoch_then_resume_matches_an_uninterrupted_run(
     result = run_train(cfg_for(stopped), on_trainer=_interrupt_at(3))
     assert result["exit_code"] == 130 and result["global_step"] == 3
     assert "SIGINT" in result["status"]
-    assert verify_checkpoint(tmp_path / "stopped" / "checkpoint-3") is None
+    assert verify_manifest(tmp_path / "stopped" / "checkpoint-3") is None
     assert not (tmp_path / "stopped" / "final_model").exists()
 
     assert llama_train.main(stopped + ["--resume", "auto"]) == 0
@@ -257,7 +257,7 @@ def test_guarantee_04_retention_keeps_the_newest_complete_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
     assert latest_good_checkpoint(tmp_path).name == "checkpoint-3"
     (tmp_path / "checkpoint-3" / "a.bin").write_bytes(b"\x00\x01")  # truncated/modified
-    assert "sha256" in verify_checkpoint(tmp_path / "checkpoint-3")
+    assert "sha256" in verify_manifest(tmp_path / "checkpoint-3")
     assert latest_good_checkpoint(tmp_path) is None
 
 

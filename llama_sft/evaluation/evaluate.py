@@ -30,6 +30,7 @@ from llama_sft.evaluation.metrics import (
     compile_answer_regex,
     deltas,
     extract_answer,
+    perplexity,
     score_example,
 )
 from llama_sft.files import (
@@ -438,7 +439,7 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
             "reference": ex.response, "generation": gen.text, "new_tokens": gen.new_tokens,
             "ended_with_eos": gen.ended_with_eos, "metrics": row["metrics"],
             "response_tokens": row["response_tokens"],
-            "response_perplexity": (math.exp(min(row["response_nll"] / row["response_tokens"], 700))
+            "response_perplexity": (perplexity(row["response_nll"] / row["response_tokens"])
                                     if row["response_tokens"] else None),
         }
         if cfg.answer_regex:
@@ -449,7 +450,7 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
             record.update(base_generation=bgen.text, base_new_tokens=bgen.new_tokens,
                           base_ended_with_eos=bgen.ended_with_eos, base_metrics=brow["metrics"],
                           base_response_perplexity=(
-                              math.exp(min(brow["response_nll"] / brow["response_tokens"], 700))
+                              perplexity(brow["response_nll"] / brow["response_tokens"])
                               if brow["response_tokens"] else None))
             if cfg.answer_regex:
                 record["base_answer"] = extract_answer(bgen.text, cfg.answer_regex)

@@ -182,6 +182,16 @@ def json_field_accuracy(prediction: str, reference: str | Mapping[str, Any]) -> 
     return hits / len(ref)
 
 
+# exp(>709) overflows a float; a loss that high means a broken model, not a measurement.
+MAX_LOG_PERPLEXITY = 700.0
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean NLL per token), clamped so that a diverged loss still gives a finite number.
+    The one definition every stage uses (training logs, the pilot, evaluation)."""
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
+
+
 def score_example(prediction: str, reference: str,
                   answer_regex: str | re.Pattern | None = None) -> dict[str, float | None]:
     """Every metric for one generation against its reference.
@@ -243,7 +253,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         total_tokens = sum(t for _, t in nll)
         loss = sum(x for x, _ in nll) / total_tokens
         out["response_loss"] = loss
-        out["perplexity"] = math.exp(min(loss, 700.0))  # exp(>709) overflows a float
+        out["perplexity"] = perplexity(loss)
         out["response_tokens"] = total_tokens
     if counts:
         out["scored"] = counts  # how many rows each partial metric applies to

@@ -95,9 +95,14 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
             raise ModelLoadError(f"{name!r} needs its own code to run; pass --trust-remote-code "
                                  "if you trust it") from None
         raise _wrap_hub_error(name, e) from None
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok):
+    """Give a tokenizer without a pad token one (LLaMA-2 has none): its unk token, else eos.
+    Padding is masked by the attention mask, never by token id, so reusing either is safe for
+    training and generation. The one place this choice is made."""
     if tok.pad_token_id is None:
-        # LLaMA-2 has no pad token. Padding is masked by the attention mask, never by token id,
-        # so reusing EOS (or UNK) as pad is safe for training and generation.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
 
@@ -271,7 +276,4 @@ def load_for_inference(*, adapter_path: str | None = None, base_model: str | Non
 def _load_local_tokenizer(folder: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    return tok
+    return ensure_pad_token(AutoTokenizer.from_pretrained(str(folder)))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from llama_sft.evaluation.metrics import perplexity
 from llama_sft.layout import CONSUMED_IDS, MANIFEST
 from llama_sft.training.checkpoints import rotate_checkpoints
 from llama_sft.training.faults import FaultInjection
@@ -54,7 +54,7 @@ def make_callbacks(*, output_dir: Path, cfg: Any, sample_fn=None, keep: int,
                 line = (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
                         f"lr {logs.get('learning_rate', 0):.3g} | {rec['tokens_per_second']:.0f} tok/s")
             elif "eval_loss" in logs:
-                ppl = math.exp(min(logs["eval_loss"], 50))
+                ppl = perplexity(logs["eval_loss"])
                 rec["eval_perplexity"] = round(ppl, 4)
                 logs["eval_perplexity"] = rec["eval_perplexity"]
                 line = (f"eval step {state.global_step} | eval_loss {logs['eval_loss']:.4f} | "

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from llama_sft.errors import RunSetupError
 from llama_sft.files import (
     _fsync_dir,
-    verify_checkpoint,
+    verify_manifest,
     write_manifest,
     write_text_atomic,
 )
@@ -96,7 +96,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def latest_good_checkpoint(output_dir: Path) -> Path | None:
     for ckpt in reversed(list_checkpoints(output_dir)):
-        problem = verify_checkpoint(ckpt)
+        problem = verify_manifest(ckpt)
         if problem is None:
             return ckpt
         logger.warning("ignoring %s: %s", ckpt, problem)
@@ -130,7 +130,7 @@ def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dic
             return None
     else:
         ckpt = Path(resume)
-        problem = verify_checkpoint(ckpt)
+        problem = verify_manifest(ckpt)
         if problem:
             raise RunSetupError(f"--resume {resume}: {problem}; use --resume auto to take the "
                                 "newest complete checkpoint")

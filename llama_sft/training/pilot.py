@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-from llama_sft.config import PilotArgs, log_overrides, resolve_config, validate
+from llama_sft.config import PilotArgs
 from llama_sft.data.loader import file_sha256, load_and_validate, load_examples
 from llama_sft.data.prompts import (
     render_prompt,
@@ -20,7 +19,7 @@ from llama_sft.data.splits import dataset_hash, split_examples
 from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
 from llama_sft.errors import DatasetError
 from llama_sft.evaluation.generate import generate
-from llama_sft.evaluation.metrics import aggregate, score_example
+from llama_sft.evaluation.metrics import aggregate, perplexity, score_example
 from llama_sft.files import write_json_atomic
 from llama_sft.layout import RUN_OUTPUTS
 from llama_sft.modeling.load import load_model, load_tokenizer, resolve_base_model
@@ -189,9 +188,9 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
             "loss_end": losses[-1] if losses else None,
             "status": train_results["status"],
         },
-        "eval_before": {"loss": round(base_loss, 6), "perplexity": round(math.exp(min(base_loss, 50)), 4),
+        "eval_before": {"loss": round(base_loss, 6), "perplexity": round(perplexity(base_loss), 4),
                         "metrics": base_summary},
-        "eval_after": {"loss": round(tuned_loss, 6), "perplexity": round(math.exp(min(tuned_loss, 50)), 4),
+        "eval_after": {"loss": round(tuned_loss, 6), "perplexity": round(perplexity(tuned_loss), 4),
                        "metrics": tuned_summary},
         "task_metric": {"name": "task_score", "before": round(before["task_score"], 4),
                         "after": round(after["task_score"], 4),

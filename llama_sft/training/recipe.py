@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from llama_sft.cli import is_main_process
 from llama_sft.data.batching import PadCollator, TokenizedDataset
 from llama_sft.errors import RunSetupError, TrainingError
 from llama_sft.evaluation.generate import generate
+from llama_sft.evaluation.metrics import perplexity
 from llama_sft.layout import RESUME_STATE, STEP_LOGS
 from llama_sft.modeling import attention
 from llama_sft.modeling.load import add_lora, cpu_has_bf16, load_model
@@ -264,7 +264,7 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     }
     if final_eval:
         results["eval_loss"] = round(final_eval["eval_loss"], 6)
-        results["eval_perplexity"] = round(math.exp(min(final_eval["eval_loss"], 50)), 4)
+        results["eval_perplexity"] = round(perplexity(final_eval["eval_loss"]), 4)
     results["model"] = trainer.model
     if cfg.use_wandb:
         finish_wandb()
