@@ -25,7 +25,9 @@ report: setup
 	$(PY) llama_dataset.py --dataset ./sft_output/sft_dataset.jsonl \
 	  --golden-set ./sft_output/golden_set.jsonl --model-size 135m --report
 
+# ruff first: a lint failure fails in a second, before the test suite starts.
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-fast: setup

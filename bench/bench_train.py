@@ -437,8 +437,10 @@ def run_worker(args) -> dict[str, Any]:
     if args.worker in ("ours", "ours_alt"):
         from llama_sft.training.recipe import run_sft
 
-        run_config = {"base_model": args.model_path, "config_hash": config_hash(cfg),
-                      "dataset": {"dataset_hash": "bench"}}
+        from llama_sft.layout import RunConfig
+
+        run_config = RunConfig(base_model=args.model_path, config_hash=config_hash(cfg),
+                               dataset={"dataset_hash": "bench"})
         holder: dict[str, Any] = {}
 
         def on_trainer(tr):
@@ -450,7 +452,7 @@ def run_worker(args) -> dict[str, Any]:
                          on_trainer=on_trainer)
         trainer = holder["trainer"]
         model = result["model"]
-        info["settings"] = (f"llama_trainer.run_sft; weights {next(model.parameters()).dtype}, "
+        info["settings"] = (f"llama_sft.training.recipe.run_sft; weights {next(model.parameters()).dtype}, "
                             f"bf16 autocast {bf16}, gradient checkpointing "
                             f"{cfg.gradient_checkpointing}, PadCollator + group_by_length, LM "
                             f"head at supervised positions, attention "

@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llama_sft.layout import config_hash
     from llama_sft.modeling.embedded import ensure_embedded_model
     from llama_sft.modeling.load import load_tokenizer
+    from llama_sft.layout import RunConfig
     from llama_sft.training.recipe import run_sft
     from llama_train import resolve_train_config
 
@@ -105,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tr.add_callback(ProfileOneStep())
 
     run_sft(cfg, output_dir=out / "run", train_rows=rows, eval_rows=[], sample_prompts=[],
-            run_config={"base_model": cfg.base_model, "config_hash": config_hash(cfg),
-                        "dataset": {"dataset_hash": "bench"}},
+            run_config=RunConfig(base_model=cfg.base_model, config_hash=config_hash(cfg),
+                                 dataset={"dataset_hash": "bench"}),
             tokenizer=tok, on_trainer=on_trainer)
     prof = state["prof"]
     events = prof.key_averages()

@@ -276,7 +276,7 @@ def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
     with caplog.at_level(logging.INFO, logger="llama_sft"), pytest.raises(Stop):
         run_train(cfg)
     assert "truncated: 1 context, 0 response; dropped (no supervised token): 1" in caplog.text
-    tokenization = seen["run_config"]["dataset"]["tokenization"]
+    tokenization = seen["run_config"].dataset["tokenization"]
     assert (tokenization["context_truncated"], tokenization["dropped_no_supervised_tokens"]) == (1, 1)
     assert len(seen["train_rows"]) == 2
 

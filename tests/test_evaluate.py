@@ -7,50 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import GOLDEN, make_adapter
 
 import llama_evaluate
 from llama_sft.config import EvalArgs
 from llama_sft.evaluation.evaluate import evaluation_order, run_evaluate
 from llama_sft.evaluation.metrics import GSM8K_ANSWER_REGEX, METRIC_NAMES
 from llama_sft.files import sha256_file
-from llama_sft.modeling.load import add_lora, load_model, load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "sft_output" / "golden_set.jsonl"
-
-
-def make_adapter(base_dir: str | Path, out_dir: Path, *, lora_b_std: float, seed: int = 1,
-                 base_model: str | None = None, model_size: str = "135m",
-                 quantization: str | None = None, run_config_extra: dict | None = None) -> Path:
-    """A final_model/ folder as llama_train.py writes it: a LoRA adapter whose B matrices are
-    random (so it changes the outputs), the tokenizer, and run_config.json."""
-    import torch
-
-
-    model = load_model(str(base_dir), dtype=torch.float32)
-    tokenizer = load_tokenizer(str(base_dir))
-    model = add_lora(model, r=8, alpha=16, dropout=0.0)
-    torch.manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, lora_b_std)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    run_config = {
-        "stage": "train", "base_model": base_model or str(base_dir), "model_size": model_size,
-        "prompt_format": "chat", "max_length": 256, "quantization": quantization,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "training": {"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-                     "num_epochs": 3.0, "max_steps": 10, "lr_scheduler": "cosine", "seed": 42},
-        "dataset": {"path": "sft_dataset.jsonl", "file_sha256": "ab" * 32,
-                    "dataset_hash": "0123456789abcdef"},
-        "trust_remote_code": False,
-        "library_versions": {"python": "3.11.7", "torch": "2.13.0+cpu"},
-        **(run_config_extra or {}),
-    }
-    (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    return out_dir
 
 
 @pytest.fixture(scope="module")

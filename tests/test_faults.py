@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import adapter_tensors, tiny_args
+from helpers import adapter_tensors, tiny_args
 
 import llama_train
 from llama_sft.errors import NonFiniteWeightsError

@@ -78,7 +78,7 @@ def _lora_trainer(tiny_llama_dir, tmp_path, bf16: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from llama_sft.training.trainer import make_trainer_class
+    from llama_sft.training.trainer import SFTTrainer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
@@ -87,11 +87,11 @@ def _lora_trainer(tiny_llama_dir, tmp_path, bf16: bool):
                                              init_lora_weights=False))
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none",
                              bf16=bf16)
-    return model, make_trainer_class()(model=model, args=args)
+    return model, SFTTrainer(model=model, args=args)
 
 
 def _batch(tokenizer, tmp_path):
-    from test_train import small_dataset
+    from helpers import small_dataset
 
     from llama_sft.data.batching import PadCollator
     from llama_sft.data.loader import load_examples

@@ -368,7 +368,7 @@ def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llam
         run_cfg = make_run_config(
             TrainArgs(model_size="135m", trust_remote_code=flag), stage="train",
             base_model="smollm2-135m", prompt_format="chat", dataset_info={})
-        assert run_cfg["trust_remote_code"] is flag
+        assert run_cfg.trust_remote_code is flag
         meta = build_metadata(
             name="x", created="now", base_model="smollm2-135m", model_size="135m",
             run_cfg=run_cfg, adapter_cfg={}, eval_results=None, trust_remote_code=flag,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import adapter_tensors, losses, tiny_args
+from helpers import adapter_tensors, losses, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

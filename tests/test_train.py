@@ -6,10 +6,10 @@ import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import adapter_tensors, losses, small_dataset, tiny_args
 
 import llama_train
 from llama_sft.config import TrainArgs
@@ -24,53 +24,12 @@ from llama_sft.training.checkpoints import (
     rotate_checkpoints,
 )
 from llama_sft.training.train import run_train
-from llama_sft.training.trainer import make_trainer_class
-
-ROOT = Path(__file__).resolve().parents[1]
-SFT = ROOT / "sft_output"
-
-
-def small_dataset(tmp_path: Path, n: int = 48) -> Path:
-    """The first n rows of the sample data: short, real examples."""
-    lines = (SFT / "sft_dataset.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def small_golden(tmp_path: Path, n: int = 8) -> Path:
-    lines = (SFT / "golden_set.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-    path = tmp_path / "golden.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def tiny_args(tmp_path, tiny_llama_dir, out="run", *extra) -> list[str]:
-    return ["--base-model", str(tiny_llama_dir), "--model-size", "135m",
-            "--dataset", str(small_dataset(tmp_path)), "--golden-set", str(small_golden(tmp_path)),
-            "--output-dir", str(tmp_path / out), "--max-length", "256", "--batch-size", "4",
-            "--gradient-accumulation-steps", "1", "--learning-rate", "5e-3", "--logging-steps", "1",
-            "--val-ratio", "0.1", "--test-ratio", "0.1", "--num-sample-prompts", "2",
-            "--max-new-tokens", "8", "--seed", "7", *extra]
+from llama_sft.training.faults import FaultInjection
+from llama_sft.training.trainer import SFTTrainer
 
 
 def cfg_for(argv) -> TrainArgs:
     return llama_train.resolve_train_config(argv)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +56,7 @@ def test_supervised_position_loss_equals_the_models_own_loss(tiny_llama_dir, tok
     examples = load_examples(small_dataset(tmp_path, 6))
     batch = PadCollator(tokenizer.pad_token_id)(tokenize_examples(examples, tokenizer, max_length=256))
     expected = model(**batch).loss
-    trainer = make_trainer_class()(model=model, args=TrainingArguments(
+    trainer = SFTTrainer(model=model, args=TrainingArguments(
         output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none"))
     model.train()
     ours = trainer.compute_loss(model, batch)
@@ -219,7 +178,7 @@ def test_guarantee_06_nan_loss_stops_the_run_naming_the_step(tmp_path, tiny_llam
     argv = tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "6", "--eval-steps", "2")
 
     def inject(trainer):
-        trainer.loss_hook = lambda loss, step: loss * float("nan") if step == 3 else loss
+        FaultInjection(nonfinite=("nan", 3)).attach(trainer)
 
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         run_train(cfg_for(argv), on_trainer=inject)

@@ -1,4 +1,19 @@
-"""TODO docstring"""
+"""The checkpoint protocol, in one place: how a checkpoint is written, found, verified, rotated
+and resumed from.
+
+- Each checkpoint is written into `.checkpoint-N.tmp/`, every file fsynced, the sha256 manifest
+  written last, then the folder renamed to `checkpoint-N/`: a folder with a checkpoint's name is
+  always complete (a kill -9 mid-save leaves only the temporary folder, removed at the next
+  start).
+- A folder without a valid manifest is never resumed from; retention deletes old checkpoints
+  only after the new one is complete, and never the best.
+- resume_state.json holds hashes of the config and the data, so a changed run is not resumed
+  unless forced; on resume the step logs are cut back to the checkpoint's step.
+
+The files inside a checkpoint are transformers' own (adapter, optimizer, scheduler, RNG and
+trainer state): `write_trainer_files` is the one function coupled to transformers' private
+checkpoint code, and names the version it was written against.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +29,11 @@ from llama_sft.errors import RunSetupError
 from llama_sft.files import (
     _fsync_dir,
     verify_manifest,
+    write_json_atomic,
     write_manifest,
     write_text_atomic,
 )
-from llama_sft.layout import MANIFEST, RESUME_STATE, STEP_LOGS
+from llama_sft.layout import MANIFEST, RESUME_STATE, STEP_LOGS, ResumeState, RunConfig
 
 logger = logging.getLogger("llama_sft")
 
@@ -118,7 +134,7 @@ def rotate_checkpoints(output_dir: Path, keep: int, protect: Sequence[Path] = ()
         excess -= 1
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dict[str, Any],
+def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: RunConfig,
                            force: bool) -> Path | None:
     if not resume:
         return None
@@ -136,11 +152,11 @@ def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dic
                                 "newest complete checkpoint")
     state_file = ckpt / RESUME_STATE
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = ResumeState.from_json(state_file)
         changed = []
-        if state.get("config_hash") != run_config["config_hash"]:
+        if state.config_hash != run_config.config_hash:
             changed.append("the training config")
-        if state.get("dataset_hash") != run_config["dataset"].get("dataset_hash"):
+        if state.dataset_hash != run_config.dataset.get("dataset_hash"):
             changed.append("the dataset")
         if changed:
             msg = (f"{ckpt} was written with a different {' and '.join(changed)} than this run")
@@ -150,3 +166,75 @@ def find_resume_checkpoint(output_dir: Path, resume: str | None, run_config: dic
             logger.warning("%s; resuming anyway (--force)", msg)
     logger.info("resuming from %s", ckpt)
     return ckpt
+
+
+def checkpoint_step(folder: Path) -> int:
+    """N of a checkpoint-N folder."""
+    return int(CHECKPOINT_RE.match(folder.name).group(1))
+
+
+# transformers.Trainer._save_checkpoint as of the version below; tests/test_checkpoints.py
+# fails when upstream changes it, so write_trainer_files is re-checked on every upgrade.
+UPSTREAM_VERSION = "5.24.0"
+UPSTREAM_SAVE_CHECKPOINT_SHA256 = "a9111e30faa9933986e022e56b5af81fd990356db64d727b4c320c852283bf3b"
+
+
+def write_trainer_files(trainer, model, trial, folder: Path, run_dir: Path) -> None:
+    """Write into `folder` what transformers' Trainer._save_checkpoint (transformers 5.24.0)
+    writes into checkpoint-N/: the model (adapter), optimizer, scheduler, scaler, RNG states and
+    trainer state, with the best checkpoint recorded under its final name (the trainer state is
+    written before the rename). Upstream's rotation and hub push are left to the caller.
+    Private methods used: _get_output_dir is not (run_dir is given), store_flos,
+    _save_optimizer_and_scheduler, _save_scaler, _save_rng_state."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import ExportableState
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+
+    state, args = trainer.state, trainer.args
+    if trainer.hp_search_backend is None and trial is None:
+        trainer.store_flos()
+    trainer.save_model(str(folder), _internal_call=True)
+    if (args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+            and state.best_global_step):
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
+        if state.best_global_step == state.global_step or best.is_dir():
+            state.best_model_checkpoint = str(best)
+    if not args.save_only_model:
+        trainer._save_optimizer_and_scheduler(str(folder))
+        trainer._save_scaler(str(folder))
+        trainer._save_rng_state(str(folder))
+    if args.should_save:
+        for cb in [c for c in trainer.callback_handler.callbacks + [trainer.control]
+                   if isinstance(c, ExportableState)]:
+            name, cb_state = cb.__class__.__name__, cb.state()
+            if isinstance(state.stateful_callbacks[name], list):
+                state.stateful_callbacks[name].append(cb_state)
+            else:
+                state.stateful_callbacks[name] = cb_state
+        state.save_to_json(str(folder / TRAINER_STATE_NAME))
+
+
+def save_checkpoint_atomically(trainer, model, trial, extras: dict[str, Any]) -> Path:
+    """checkpoint-N/ of `trainer`'s current step: transformers' files and `extras` ({file name:
+    JSON object}) in a staging folder, then fsync, manifest, rename. Every process writes its
+    own share (sharded states); rank 0 renames."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    staging = staging_dir(final)
+    should_save = trainer.args.should_save
+    if should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    write_trainer_files(trainer, model, trial, staging, run_dir)
+    if should_save:
+        for name, obj in extras.items():
+            write_json_atomic(staging / name, obj)
+    trainer.accelerator.wait_for_everyone()  # every process's files are in the folder
+    if should_save:
+        finalize_checkpoint(staging, final)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.push_to_hub:
+        trainer._push_from_checkpoint(str(final))
+    return final

@@ -1,10 +1,19 @@
-"""TODO docstring"""
+"""Test-only fault injection, attached to a trainer from outside (`FaultInjection.attach`), so
+the production classes carry no test hooks. Read from LLAMA_SFT_TEST_* environment variables,
+which tests/test_faults.py sets on real llama_train.py child processes; never set them in a real
+run. Imports transformers: import it where a trainer is built."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger("llama_sft")
 
 
 @dataclass(frozen=True)
@@ -57,17 +66,61 @@ class FaultInjection:
         return cls(save_delay=save[0] if save else 0.0, save_delay_step=save[1] if save else None,
                    step_delay=step[0] if step else 0.0, nonfinite=nonfinite, oom=oom)
 
-    def loss_hook(self) -> Callable[[Any, int], Any] | None:
-        """An SFTTrainer.loss_hook that makes step K's loss non-finite, or None."""
-        if self.nonfinite is None:
-            return None
+    @property
+    def active(self) -> bool:
+        return bool(self.save_delay or self.step_delay or self.nonfinite or self.oom)
+
+    def attach(self, trainer) -> None:
+        """Wrap the trainer's methods with the faults asked for (instance attributes: the class
+        and every other trainer stay as they are)."""
+        if self.nonfinite is not None:
+            trainer.compute_loss = self._nonfinite_loss(trainer, trainer.compute_loss)
+        if self.save_delay:
+            trainer._save_optimizer_and_scheduler = self._paused_save(
+                trainer, trainer._save_optimizer_and_scheduler)
+        if self.oom is not None:
+            trainer._micro_step = self._simulated_oom(trainer, trainer._micro_step)
+        if self.step_delay:
+            trainer.add_callback(_StepDelay(self.step_delay))
+
+    def _nonfinite_loss(self, trainer, compute_loss):
         kind, bad_step = self.nonfinite
         factor = float(kind)
 
-        def hook(loss, step: int):
-            return loss * factor if step == bad_step else loss
+        def wrapped(model, inputs, *args, **kwargs):
+            loss = compute_loss(model, inputs, *args, **kwargs)
+            if model.training and trainer.state.global_step + 1 == bad_step:
+                loss = (loss[0] * factor, *loss[1:]) if isinstance(loss, tuple) else loss * factor
+            return loss
 
-        return hook
+        return wrapped
+
+    def _paused_save(self, trainer, save):
+        """Sleep before the optimizer is written: the adapter is on disk, the rest is not."""
+
+        def wrapped(folder):
+            delay = self.save_delay_at(trainer.state.global_step)
+            if delay and trainer.args.should_save:
+                logger.warning("test hook LLAMA_SFT_TEST_SAVE_DELAY: pausing %g s in the middle "
+                               "of writing %s", delay, folder)
+                time.sleep(delay)
+            return save(folder)
+
+        return wrapped
+
+    def _simulated_oom(self, trainer, micro_step):
+        def wrapped(model, inputs, num_items_in_batch):
+            limit = self.oom_rows_limit(trainer.state.global_step + 1)
+            handle = None
+            if limit is not None and inputs["input_ids"].shape[0] > limit:
+                handle = _arm_simulated_oom(model)
+            try:
+                return micro_step(model, inputs, num_items_in_batch)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        return wrapped
 
     def save_delay_at(self, step: int) -> float:
         if self.save_delay_step is None or self.save_delay_step == step:
@@ -79,3 +132,27 @@ class FaultInjection:
         if self.oom is None or step < self.oom[1]:
             return None
         return self.oom[0]
+
+
+def _arm_simulated_oom(model):
+    """Fail when the backward pass reaches the first trainable tensor, the last gradient it
+    computes, so the later layers' gradients have already been accumulated: what a real
+    out-of-memory error in backward leaves."""
+    first = next(p for p in model.parameters() if p.requires_grad)
+
+    def fail(_grad):
+        raise torch.OutOfMemoryError("simulated out of memory (LLAMA_SFT_TEST_OOM)")
+
+    return first.register_hook(fail)
+
+
+class _StepDelay(TrainerCallback):
+    """LLAMA_SFT_TEST_STEP_DELAY: sleep after each optimizer step, so a test can signal or kill
+    the process at a chosen step. Added after the checkpoint guard, which checks for a signal
+    first."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_end(self, args, state, control, **kw):
+        time.sleep(self.seconds)

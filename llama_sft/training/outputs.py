@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""What a training run leaves besides checkpoints: the refusal of an occupied --output-dir, final_model/
+(written then renamed), train_results.json, the loss-curve PNG, and the peak-memory reading."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Sequence
 from llama_sft.cli import is_main_process
 from llama_sft.errors import RunSetupError
 from llama_sft.files import write_json_atomic, write_manifest
-from llama_sft.layout import CONSUMED_IDS, RUN_OUTPUTS
+from llama_sft.layout import CONSUMED_IDS, RUN_CONFIG, RUN_OUTPUTS, RunConfig
 from llama_sft.training.checkpoints import list_checkpoints
 
 
@@ -80,14 +81,14 @@ def check_output_dir(output_dir: Path, resume: str | None,
                             "--output-dir (nothing was overwritten)")
 
 
-def save_final_model(model, tokenizer, output_dir: Path, run_config: dict[str, Any]) -> Path:
+def save_final_model(model, tokenizer, output_dir: Path, run_config: RunConfig) -> Path:
     """final_model/: adapter (safetensors), tokenizer, run_config.json; written then renamed."""
     final = output_dir / "final_model"
     tmp = output_dir / ".final_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "run_config.json", run_config)
+    run_config.to_json(tmp / RUN_CONFIG)
     write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -96,9 +97,8 @@ def save_final_model(model, tokenizer, output_dir: Path, run_config: dict[str, A
 
 
 def finish_outputs(result: dict[str, Any], *, tokenizer, output_dir: Path,
-                   run_config: dict[str, Any]) -> dict[str, Any]:
+                   run_config: RunConfig) -> dict[str, Any]:
     """final_model/, train_results.json and loss_curve.png after a run."""
-
     model = result.pop("model")
     if not is_main_process():
         return result
@@ -106,7 +106,7 @@ def finish_outputs(result: dict[str, Any], *, tokenizer, output_dir: Path,
         final = save_final_model(model, tokenizer, output_dir, run_config)
         result["final_model"] = str(final)
     if plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
-                       title=f"{run_config['stage']}: {run_config['base_model']}"):
+                       title=f"{run_config.stage}: {run_config.base_model}"):
         result["loss_curve"] = str(output_dir / "loss_curve.png")
     write_json_atomic(output_dir / "train_results.json", result)
     return result

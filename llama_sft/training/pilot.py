@@ -1,10 +1,15 @@
-"""TODO docstring"""
+"""The pilot stage behind llama_pilot.py: train on ~80% of the golden set, measure the base and
+the tuned model on the held-out rest, project full training, and say go or no-go.
+
+    python3 llama_pilot.py --golden-set ./sft_output/golden_set.jsonl --output-dir ./pilot_output
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ from llama_sft.errors import DatasetError
 from llama_sft.evaluation.generate import generate
 from llama_sft.evaluation.metrics import aggregate, perplexity, score_example
 from llama_sft.files import write_json_atomic
-from llama_sft.layout import RUN_OUTPUTS
+from llama_sft.layout import METRICS, PILOT_EVALUATION, RUN_OUTPUTS, RunConfig
 from llama_sft.modeling.load import load_model, load_tokenizer, resolve_base_model
 from llama_sft.modeling.loss import mean_supervised_loss
 from llama_sft.training.outputs import check_output_dir, finish_outputs
@@ -91,10 +96,21 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
                     "size changes it"}
 
 
-def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
+@dataclass
+class HeldOutResult:
+    """One model's figures on the held-out golden examples."""
 
-    output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, cfg.resume, RUN_OUTPUTS + ("pilot_evaluation.json",))
+    loss: float
+    generations: list[Any]
+    summary: dict[str, Any]
+
+    def section(self) -> dict[str, Any]:
+        return {"loss": round(self.loss, 6), "perplexity": round(perplexity(self.loss), 4),
+                "metrics": self.summary}
+
+
+def split_golden(cfg: PilotArgs):
+    """(golden, train examples, held-out examples, removed): ~80/20 by content hash."""
     golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
                                   skip_invalid=cfg.skip_invalid, what="--golden-set")
     splits, removed = split_examples(golden, val_ratio=cfg.holdout_ratio, test_ratio=0.0)
@@ -103,57 +119,25 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
         raise DatasetError(f"--golden-set {cfg.golden_set}: {len(golden)} examples leave "
                            f"{len(train_ex)} to train and {len(held_out)} to hold out; the pilot "
                            "needs at least 4 and 2 (the guide's golden set has 150)")
-    import torch  # after the checks on the output folder and the data: bad input fails fast
+    return golden, train_ex, held_out, removed
 
-    base_model = resolve_base_model(cfg.model_size, cfg.base_model)
-    logger.info("pilot model: %s (%s)", base_model, model_choice)
-    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
-    fmt = resolve_prompt_format(tokenizer, cfg.prompt_format)
-    train_rows = tokenize_examples(train_ex, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
-    held_rows = tokenize_examples(held_out, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
-    prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in held_out]
-    dataset_info = {"path": Path(cfg.golden_set).name, "file_sha256": file_sha256(cfg.golden_set),
-                    "dataset_hash": dataset_hash(golden),
-                    "splits": {"train": len(train_ex), "held_out": len(held_out)},
-                    "removed": removed}
-    run_config = make_run_config(cfg, stage="pilot", base_model=base_model, prompt_format=fmt,
-                                 dataset_info=dataset_info)
 
-    t_start = time.perf_counter()
-    model = load_model(base_model, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
-                       trust_remote_code=cfg.trust_remote_code, for_training=True)
-    logger.info("before training: evaluating the base model on %d held-out examples",
-                len(held_out))
-    base_loss = mean_supervised_loss(model, held_rows, tokenizer.pad_token_id)
-    base_gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.eval_batch_size, progress=True)
-    base_rows, base_summary = score_generations(held_out, base_gens, cfg.answer_regex)
+def evaluate_held_out(model, tokenizer, cfg: PilotArgs, rows, prompts, examples,
+                      stats: dict[str, Any] | None = None) -> HeldOutResult:
+    """Teacher-forced loss and scored greedy generations of `model` on the held-out part."""
+    loss = mean_supervised_loss(model, rows, tokenizer.pad_token_id)
+    gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.eval_batch_size, progress=True, stats=stats)
+    _, summary = score_generations(examples, gens, cfg.answer_regex)
+    return HeldOutResult(loss, gens, summary)
 
-    samples = sample_prompts_from(held_out, tokenizer, fmt, cfg.num_sample_prompts)
-    result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=held_rows,
-                     sample_prompts=samples, run_config=run_config, tokenizer=tokenizer,
-                     model=model, stage="pilot")
-    if result.get("exit_code"):
-        # Stopped by SIGINT/SIGTERM: the checkpoint is saved; the evaluation would only be of
-        # a half-trained adapter, so stop here and say how to continue.
-        result.pop("model")
-        return {"interrupted": True, "exit_code": result["exit_code"], "status": result["status"],
-                "global_step": result["global_step"]}
-    tuned = result["model"]
-    logger.info("after training: evaluating the tuned model on %d held-out examples",
-                len(held_out))
-    tuned_loss = mean_supervised_loss(tuned, held_rows, tokenizer.pad_token_id)
-    gen_stats: dict[str, Any] = {}
-    tuned_gens = generate(tuned, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.eval_batch_size, progress=True, stats=gen_stats)
-    tuned_rows, tuned_summary = score_generations(held_out, tuned_gens, cfg.answer_regex)
-    train_results = finish_outputs(result, tokenizer=tokenizer, output_dir=output_dir,
-                                   run_config=run_config)
 
-    losses = _train_losses(output_dir / "metrics.jsonl")
-    before, after = base_summary["overall"], tuned_summary["overall"]
-    non_finite = any(not math.isfinite(x) for x in losses + [tuned_loss])
-    checks = {
+def pilot_checks(cfg: PilotArgs, losses: list[float], base: HeldOutResult,
+                 tuned: HeldOutResult) -> dict[str, dict[str, Any]]:
+    """The go/no-go checks, each with the reason it passed or failed."""
+    before, after = base.summary["overall"], tuned.summary["overall"]
+    non_finite = any(not math.isfinite(x) for x in losses + [tuned.loss])
+    return {
         "loss_decreased": _check(len(losses) >= 2 and losses[-1] < losses[0],
                                  f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else
                                  "no loss logged"),
@@ -164,55 +148,113 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
                                            f"ended with EOS within {cfg.max_new_tokens} tokens "
                                            "(need >= 90%)"),
         "tuned_beats_base": _check(after["task_score"] > before["task_score"] and
-                                   tuned_loss < base_loss,
+                                   tuned.loss < base.loss,
                                    f"task score {before['task_score']:.3f} -> "
-                                   f"{after['task_score']:.3f}, held-out loss {base_loss:.4f} -> "
-                                   f"{tuned_loss:.4f}"),
+                                   f"{after['task_score']:.3f}, held-out loss {base.loss:.4f} -> "
+                                   f"{tuned.loss:.4f}"),
     }
-    go = all(c["passed"] for c in checks.values())
+
+
+def _training_section(cfg: PilotArgs, run_config: RunConfig, train_results: dict[str, Any],
+                      losses: list[float]) -> dict[str, Any]:
+    return {
+        "steps": train_results["global_step"], "max_steps": cfg.max_steps,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate, "lora": run_config.lora,
+        "train_seconds": train_results["train_runtime_seconds"],
+        "tokens_per_second": train_results["tokens_per_second"],
+        "supervised_tokens_per_second": train_results["supervised_tokens_per_second"],
+        "peak_memory_mb": train_results["peak_memory_mb"],
+        "loss_start": losses[0] if losses else None,
+        "loss_end": losses[-1] if losses else None,
+        "status": train_results["status"],
+    }
+
+
+def _task_metric(base: HeldOutResult, tuned: HeldOutResult, held_out: int) -> dict[str, Any]:
+    before, after = base.summary["overall"], tuned.summary["overall"]
+    return {"name": "task_score", "before": round(before["task_score"], 4),
+            "after": round(after["task_score"], 4),
+            "exact_match_before": round(before.get("exact_match", 0), 4),
+            "exact_match_after": round(after.get("exact_match", 0), 4),
+            "held_out_examples": held_out}
+
+
+def _recommendation(checks: dict[str, dict[str, Any]]) -> str:
+    if all(c["passed"] for c in checks.values()):
+        return "GO: the pipeline works and fine-tuning helps; run full training (llama_train.py)"
+    return "NO-GO: " + "; ".join(f"{k}: {c['reason']}" for k, c in checks.items()
+                                 if not c["passed"])
+
+
+def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
+    """Train on ~80% of the golden set, evaluate the base and the tuned model on the rest, and
+    write pilot_evaluation.json (its layout: the llama_pilot.py docstring)."""
+    import torch
+
+    output_dir = Path(cfg.output_dir)
+    check_output_dir(output_dir, cfg.resume, RUN_OUTPUTS + (PILOT_EVALUATION,))
+    golden, train_ex, held_out, removed = split_golden(cfg)
+    base_model = resolve_base_model(cfg.model_size, cfg.base_model)
+    logger.info("pilot model: %s (%s)", base_model, model_choice)
+    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
+    fmt = resolve_prompt_format(tokenizer, cfg.prompt_format)
+    train_rows = tokenize_examples(train_ex, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
+    held_rows = tokenize_examples(held_out, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
+    prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in held_out]
+    info = {"path": Path(cfg.golden_set).name, "file_sha256": file_sha256(cfg.golden_set),
+            "dataset_hash": dataset_hash(golden),
+            "splits": {"train": len(train_ex), "held_out": len(held_out)}, "removed": removed}
+    run_config = make_run_config(cfg, stage="pilot", base_model=base_model, prompt_format=fmt,
+                                 dataset_info=info)
+
+    t_start = time.perf_counter()
+    model = load_model(base_model, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+                       trust_remote_code=cfg.trust_remote_code, for_training=True)
+    logger.info("before training: evaluating the base model on %d held-out examples",
+                len(held_out))
+    base = evaluate_held_out(model, tokenizer, cfg, held_rows, prompts, held_out)
+    result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=held_rows,
+                     sample_prompts=sample_prompts_from(held_out, tokenizer, fmt,
+                                                        cfg.num_sample_prompts),
+                     run_config=run_config, tokenizer=tokenizer, model=model, stage="pilot")
+    if result.get("exit_code"):
+        # Stopped by SIGINT/SIGTERM: the checkpoint is saved; the evaluation would only be of
+        # a half-trained adapter, so stop here and say how to continue.
+        result.pop("model")
+        return {"interrupted": True, "exit_code": result["exit_code"], "status": result["status"],
+                "global_step": result["global_step"]}
+    logger.info("after training: evaluating the tuned model on %d held-out examples",
+                len(held_out))
+    gen_stats: dict[str, Any] = {}
+    tuned = evaluate_held_out(result["model"], tokenizer, cfg, held_rows, prompts, held_out,
+                              stats=gen_stats)
+    train_results = finish_outputs(result, tokenizer=tokenizer, output_dir=output_dir,
+                                   run_config=run_config)
+    losses = _train_losses(output_dir / METRICS)
+    checks = pilot_checks(cfg, losses, base, tuned)
     report: dict[str, Any] = {
         "model": {"base_model": base_model, "model_size": cfg.model_size, "why": model_choice,
-                  "quantization": run_config["quantization"], "prompt_format": fmt,
+                  "quantization": run_config.quantization, "prompt_format": fmt,
                   "device": "cuda" if torch.cuda.is_available() else "cpu"},
-        "data": dataset_info,
-        "training": {
-            "steps": train_results["global_step"], "max_steps": cfg.max_steps,
-            "batch_size": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "learning_rate": cfg.learning_rate, "lora": run_config["lora"],
-            "train_seconds": train_results["train_runtime_seconds"],
-            "tokens_per_second": train_results["tokens_per_second"],
-            "supervised_tokens_per_second": train_results["supervised_tokens_per_second"],
-            "peak_memory_mb": train_results["peak_memory_mb"],
-            "loss_start": losses[0] if losses else None,
-            "loss_end": losses[-1] if losses else None,
-            "status": train_results["status"],
-        },
-        "eval_before": {"loss": round(base_loss, 6), "perplexity": round(perplexity(base_loss), 4),
-                        "metrics": base_summary},
-        "eval_after": {"loss": round(tuned_loss, 6), "perplexity": round(perplexity(tuned_loss), 4),
-                       "metrics": tuned_summary},
-        "task_metric": {"name": "task_score", "before": round(before["task_score"], 4),
-                        "after": round(after["task_score"], 4),
-                        "exact_match_before": round(before.get("exact_match", 0), 4),
-                        "exact_match_after": round(after.get("exact_match", 0), 4),
-                        "held_out_examples": len(held_out)},
+        "data": info,
+        "training": _training_section(cfg, run_config, train_results, losses),
+        "eval_before": base.section(), "eval_after": tuned.section(),
+        "task_metric": _task_metric(base, tuned, len(held_out)),
         "samples": [{"category": ex.category, "prompt": p, "reference": ex.response,
                      "base_output": b.text, "tuned_output": t.text}
-                    for ex, p, b, t in list(zip(held_out, prompts, base_gens, tuned_gens))[:10]],
+                    for ex, p, b, t in list(zip(held_out, prompts, base.generations,
+                                                tuned.generations))[:10]],
         "generation": gen_stats,
         "projection": project_full_training(cfg, tokenizer, fmt,
                                             train_results["tokens_per_second"]),
-        "checks": checks,
-        "go": go,
-        "recommendation": ("GO: the pipeline works and fine-tuning helps; run full training "
-                           "(llama_train.py)") if go else
-                          ("NO-GO: " + "; ".join(f"{k}: {c['reason']}" for k, c in checks.items()
-                                                 if not c["passed"])),
+        "checks": checks, "go": all(c["passed"] for c in checks.values()),
+        "recommendation": _recommendation(checks),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "final_model": train_results.get("final_model"),
     }
-    write_json_atomic(output_dir / "pilot_evaluation.json", report)
+    write_json_atomic(output_dir / PILOT_EVALUATION, report)
     return report
 
 

@@ -1,10 +1,20 @@
-"""TODO docstring"""
+"""The training run shared by llama_train.py and llama_pilot.py, as named phases:
+
+    run = setup(cfg, output_dir, run_config)       resume policy, logs, precision, W&B
+    model = prepare_model(cfg, run, model)          base model, attention, seed, LoRA
+    trainer = build_trainer(cfg, run, model, ...)   SFTTrainer, callbacks, test-only faults
+    result = train(cfg, run, trainer)               signals, out-of-memory message
+    finish(cfg, run, trainer, result, stage=...)    final evaluation, train_results fields
+
+`run_sft` chains them. Imports torch and transformers lazily, inside the phases.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,24 +23,34 @@ from llama_sft.data.batching import PadCollator, TokenizedDataset
 from llama_sft.errors import RunSetupError, TrainingError
 from llama_sft.evaluation.generate import generate
 from llama_sft.evaluation.metrics import perplexity
-from llama_sft.layout import RESUME_STATE, STEP_LOGS
-from llama_sft.modeling import attention
+from llama_sft.layout import RESUME_STATE, RUN_CONFIG, STEP_LOGS, ResumeState, RunConfig
 from llama_sft.modeling.load import add_lora, cpu_has_bf16, load_model
-from llama_sft.training.callbacks import make_callbacks
 from llama_sft.training.checkpoints import (
-    CHECKPOINT_RE,
+    checkpoint_step,
     find_resume_checkpoint,
     latest_good_checkpoint,
     remove_stale_staging,
     truncate_step_logs,
 )
-from llama_sft.training.faults import FaultInjection
 from llama_sft.training.outputs import peak_memory_mb
 from llama_sft.training.signals import EXIT_INTERRUPTED, SignalCatcher
 from llama_sft.training.tracking import finish_wandb, setup_wandb
-from llama_sft.training.trainer import is_out_of_memory, make_trainer_class
 
 logger = logging.getLogger("llama_sft")
+
+
+@dataclass
+class RunSetup:
+    """What the phases share: where the run writes, on what device and precision, and where it
+    resumes from."""
+
+    output_dir: Path
+    device: str
+    bf16: bool
+    fp16: bool
+    resume_from: Path | None
+    start_step: int
+    stop_flag: dict[str, Any] = field(default_factory=dict)  # set by SignalCatcher
 
 
 def build_training_args(cfg: Any, output_dir: Path, *, has_eval: bool, bf16: bool, fp16: bool):
@@ -89,7 +109,6 @@ def precision_flags(device: str) -> tuple[bool, bool]:
     """(bf16, fp16) for mixed precision. fp16 only where bf16 is missing, with a warning."""
     import torch
 
-
     if device == "cuda":
         if torch.cuda.is_bf16_supported():
             return True, False
@@ -100,33 +119,27 @@ def precision_flags(device: str) -> tuple[bool, bool]:
 
 
 def resolve_attn_implementation(name: str | None, device: str) -> str:
-    """--attn-implementation auto: on a CPU, llama_attention's "sdpa_recompute" (SDPA's memory,
-    eager's speed: bench/RESULTS.md); sdpa elsewhere. Registers it with transformers when used."""
+    """--attn-implementation auto: on a CPU, modeling/attention.py's "sdpa_recompute" (SDPA's
+    memory, eager's speed: bench/RESULTS.md); sdpa elsewhere. Registers it when used."""
     if not name or name == "auto":
         name = "sdpa_recompute" if device == "cpu" else "sdpa"
     if name == "sdpa_recompute":
+        from llama_sft.modeling import attention  # imports torch
 
         attention.register()
     return name
 
 
-def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: list[dict],
-            sample_prompts: list[dict], run_config: dict[str, Any], tokenizer,
-            model=None, stage: str = "train", on_trainer: Callable | None = None) -> dict[str, Any]:
-    """Train a LoRA adapter and write the output layout; returns what it measured.
-
-    `sample_prompts`: [{prompt (rendered), prompt_preview, reference}] generated at each eval.
-    `model`: a prepared base (unwrapped) model, or None to load cfg.base_model."""
+def setup(cfg: Any, output_dir: Path, run_config: RunConfig) -> RunSetup:
+    """The resume decision (refused before anything is written), then the logs cut back to the
+    resumed step (or removed for a fresh start), and W&B."""
     import torch
-    from transformers import EarlyStoppingCallback
-
 
     output_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16, fp16 = precision_flags(device)
-    faults = FaultInjection.from_env()
     resume_from = find_resume_checkpoint(output_dir, cfg.resume, run_config, cfg.force)
-    start_step = int(CHECKPOINT_RE.match(resume_from.name).group(1)) if resume_from else 0
+    start_step = checkpoint_step(resume_from) if resume_from else 0
     if is_main_process():
         remove_stale_staging(output_dir)
         if resume_from is not None:
@@ -137,16 +150,21 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
                 (output_dir / name).unlink(missing_ok=True)
     if cfg.use_wandb:
         setup_wandb(cfg)
+    return RunSetup(output_dir, device, bf16, fp16, resume_from, start_step)
+
+
+def prepare_model(cfg: Any, run: RunSetup, base_model: str, model=None):
+    """The base model (loaded unless given), its attention kernel, then LoRA on top."""
+    from transformers import set_seed
+
     if model is None:
-        model = load_model(run_config["base_model"], use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+        model = load_model(base_model, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
                            trust_remote_code=cfg.trust_remote_code, for_training=True)
-    attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), device)
+    attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), run.device)
     if getattr(model.config, "_attn_implementation", None) != attn:
         model.set_attn_implementation(attn)
     # LoRA A is initialised from the global RNG: seed first, or two runs with the same --seed
     # start from different adapters.
-    from transformers import set_seed
-
     set_seed(cfg.seed)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.lora_target_modules,
@@ -155,112 +173,131 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     logger.info("LoRA r=%d alpha=%d dropout=%g on %s: %.2fM trainable of %.1fM parameters",
                 cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                 trainable / 1e6, total / 1e6)
+    return model
 
-    def sample_fn(m):
-        if not sample_prompts:
-            return []
-        gens = generate(m, tokenizer, [s["prompt"] for s in sample_prompts],
+
+def sample_generator(cfg: Any, tokenizer, sample_prompts: list[dict]) -> Callable | None:
+    """model -> the sample rows logged at each evaluation, or None without prompts."""
+    if not sample_prompts:
+        return None
+
+    def sample_fn(model):
+        gens = generate(model, tokenizer, [s["prompt"] for s in sample_prompts],
                         max_new_tokens=cfg.max_new_tokens, batch_size=len(sample_prompts))
         return [{"prompt_preview": s["prompt_preview"], "reference": s["reference"],
                  "generation": g.text, "ended_with_eos": g.ended_with_eos}
                 for s, g in zip(sample_prompts, gens)]
 
-    stop_flag: dict[str, Any] = {}
-    args = build_training_args(cfg, output_dir, has_eval=bool(eval_rows), bf16=bf16, fp16=fp16)
+    return sample_fn
+
+
+def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list[dict],
+                  eval_rows: list[dict], sample_prompts: list[dict], run_config: RunConfig):
+    """An SFTTrainer with the toolkit's callbacks, and the test-only faults when asked for."""
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from llama_sft.training.callbacks import (
+        CheckpointGuard,
+        ConsumedIds,
+        LineProgress,
+        SampleGenerations,
+    )
+    from llama_sft.training.faults import FaultInjection
+    from llama_sft.training.trainer import SFTTrainer
+
+    args = build_training_args(cfg, run.output_dir, has_eval=bool(eval_rows), bf16=run.bf16,
+                               fp16=run.fp16)
     backoff = bool(getattr(cfg, "auto_batch_backoff", False))
     if backoff and args.world_size > 1:
         raise RunSetupError("--auto-batch-backoff works in a single process only (each process "
                             "would split its micro-batches differently); leave it out and set "
                             "--batch-size / --gradient-accumulation-steps")
-    progress, guard, samples_cb, consumed = make_callbacks(
-        output_dir=output_dir, cfg=cfg, sample_fn=sample_fn, keep=cfg.save_total_limit,
-        stop_flag=stop_flag, faults=faults)
-    trainer_cls = make_trainer_class()
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer = trainer_cls(
+    trainer = SFTTrainer(
         model=model, args=args, train_dataset=TokenizedDataset(train_rows),
         eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
         data_collator=PadCollator(tokenizer.pad_token_id,
-                                  pad_to_multiple_of=8 if device == "cuda" else None,
+                                  pad_to_multiple_of=8 if run.device == "cuda" else None,
                                   example_ids=True),
-        processing_class=tokenizer,
-    )
-    trainer.auto_batch_backoff = backoff
-    trainer.faults = faults
-    trainer.loss_hook = faults.loss_hook()
-    trainer.checkpoint_extras = lambda state: {
-        "run_config.json": run_config,
-        RESUME_STATE: {"config_hash": run_config["config_hash"],
-                       "dataset_hash": run_config["dataset"].get("dataset_hash"),
-                       "global_step": state.global_step},
-    }
+        processing_class=tokenizer, auto_batch_backoff=backoff,
+        checkpoint_extras=lambda state: {
+            RUN_CONFIG: run_config.to_dict(),
+            RESUME_STATE: ResumeState(run_config.config_hash,
+                                      run_config.dataset.get("dataset_hash"),
+                                      state.global_step).to_dict()})
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    progress.trainer = consumed.trainer = trainer
     # First in line, so the numbers it adds to each log (tokens/s, perplexity) reach W&B too.
-    trainer.callback_handler.callbacks.insert(0, progress)
-    for cb in (guard, samples_cb, consumed):
-        trainer.add_callback(cb)
+    trainer.callback_handler.callbacks.insert(0, LineProgress(run.output_dir, trainer))
+    trainer.add_callback(CheckpointGuard(run.output_dir, cfg.save_total_limit, run.stop_flag))
+    trainer.add_callback(SampleGenerations(run.output_dir,
+                                           sample_generator(cfg, tokenizer, sample_prompts),
+                                           use_wandb=cfg.use_wandb))
+    trainer.add_callback(ConsumedIds(run.output_dir, trainer))
     if args.load_best_model_at_end:
-        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    if on_trainer is not None:
-        on_trainer(trainer)
+        trainer.add_callback(EarlyStoppingCallback(
+            early_stopping_patience=cfg.early_stopping_patience))
+    FaultInjection.from_env().attach(trainer)
+    return trainer
 
+
+def train(cfg: Any, run: RunSetup, trainer) -> tuple[Any, float]:
+    """trainer.train() under the signal catcher; out of memory becomes a message that says
+    what to change. Returns transformers' TrainOutput and the seconds it took."""
     t0 = time.perf_counter()
-    status = "completed"
-    with SignalCatcher(stop_flag):
+    with SignalCatcher(run.stop_flag):
         try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            result = trainer.train(resume_from_checkpoint=str(run.resume_from)
+                                   if run.resume_from else None)
         except BaseException as e:
+            from llama_sft.training.trainer import is_out_of_memory
+
             if cfg.use_wandb:
                 finish_wandb()
             if not is_out_of_memory(e):
                 raise
-            newest = latest_good_checkpoint(output_dir) if is_main_process() else None
-            raise TrainingError(
-                f"out of memory at step {trainer.state.global_step + 1} (micro-batch of "
-                f"{trainer.micro_batch_limit or cfg.batch_size} rows, --max-length "
-                f"{cfg.max_length}). What was written is intact (newest complete checkpoint: "
-                f"{newest.name if newest else 'none'}). To fit: lower --batch-size and raise "
-                "--gradient-accumulation-steps to keep the effective batch (or add "
-                "--auto-batch-backoff, which does that on its own and can continue this run with "
-                "--resume auto), use --use-4bit, add --gradient-checkpointing, or lower "
-                "--max-length") from None
-    elapsed = time.perf_counter() - t0
-    if stop_flag.get("signal") is not None:
-        status = f"interrupted by {signal.Signals(stop_flag['signal']).name}"
-    state = trainer.state
-    early_stopped = (args.load_best_model_at_end and state.global_step < state.max_steps
-                     and stop_flag.get("signal") is None)
-    if early_stopped:
-        status = "early stopped"
+            raise _out_of_memory_error(cfg, run, trainer) from None
+    return result, time.perf_counter() - t0
 
-    final_eval = {}
-    if eval_rows and stop_flag.get("signal") is None:
-        last = [h for h in state.log_history if "eval_loss" in h]
-        if last and last[-1].get("step") == state.global_step and not args.load_best_model_at_end:
-            final_eval = last[-1]  # already evaluated at the last step
-        else:
-            final_eval = trainer.evaluate()
+
+def _out_of_memory_error(cfg: Any, run: RunSetup, trainer) -> TrainingError:
+    newest = latest_good_checkpoint(run.output_dir) if is_main_process() else None
+    return TrainingError(
+        f"out of memory at step {trainer.state.global_step + 1} (micro-batch of "
+        f"{trainer.micro_batch_limit or cfg.batch_size} rows, --max-length {cfg.max_length}). "
+        f"What was written is intact (newest complete checkpoint: "
+        f"{newest.name if newest else 'none'}). To fit: lower --batch-size and raise "
+        "--gradient-accumulation-steps to keep the effective batch (or add "
+        "--auto-batch-backoff, which does that on its own and can continue this run with "
+        "--resume auto), use --use-4bit, add --gradient-checkpointing, or lower --max-length")
+
+
+def finish(cfg: Any, run: RunSetup, trainer, result, elapsed: float, *, stage: str,
+           has_eval: bool) -> dict[str, Any]:
+    """train_results fields: status, steps, losses, throughput, memory, best checkpoint, the
+    final evaluation; "model" holds the trained model, "exit_code" a signal's exit status."""
+    state, args, signum = trainer.state, trainer.args, run.stop_flag.get("signal")
+    early_stopped = (args.load_best_model_at_end and state.global_step < state.max_steps
+                     and signum is None)
+    status = ("completed" if signum is None and not early_stopped else "early stopped"
+              if signum is None else f"interrupted by {signal.Signals(signum).name}")
+    final_eval = _final_evaluation(trainer) if has_eval and signum is None else {}
+    steps = max(state.global_step - run.start_step, 1)
     results: dict[str, Any] = {
-        "stage": stage,
-        "status": status,
-        "global_step": state.global_step,
-        "max_steps": state.max_steps,
-        "epochs": round(state.epoch or 0, 4),
+        "stage": stage, "status": status, "global_step": state.global_step,
+        "max_steps": state.max_steps, "epochs": round(state.epoch or 0, 4),
         "train_loss": round(result.training_loss, 6),
         "train_runtime_seconds": round(elapsed, 2),
         "tokens_seen": trainer.tokens_seen,
         "supervised_tokens_seen": trainer.supervised_tokens_seen,
         "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
-        "supervised_tokens_per_second": round(trainer.supervised_tokens_seen / max(elapsed, 1e-9), 2),
-        "seconds_per_step": round(elapsed / max(state.global_step - start_step, 1), 4),
+        "supervised_tokens_per_second": round(trainer.supervised_tokens_seen
+                                              / max(elapsed, 1e-9), 2),
+        "seconds_per_step": round(elapsed / steps, 4),
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "best_checkpoint": state.best_model_checkpoint,
-        "best_eval_loss": state.best_metric,
+        "best_checkpoint": state.best_model_checkpoint, "best_eval_loss": state.best_metric,
         "early_stopped": bool(early_stopped),
-        "resumed_from": str(resume_from) if resume_from else None,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
     }
     if final_eval:
         results["eval_loss"] = round(final_eval["eval_loss"], 6)
@@ -268,6 +305,33 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     results["model"] = trainer.model
     if cfg.use_wandb:
         finish_wandb()
-    if stop_flag.get("signal") is not None:
-        results["exit_code"] = EXIT_INTERRUPTED[stop_flag["signal"]]
+    if signum is not None:
+        results["exit_code"] = EXIT_INTERRUPTED[signum]
     return results
+
+
+def _final_evaluation(trainer) -> dict[str, Any]:
+    last = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if (last and last[-1].get("step") == trainer.state.global_step
+            and not trainer.args.load_best_model_at_end):
+        return last[-1]  # already evaluated at the last step
+    return trainer.evaluate()
+
+
+def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: list[dict],
+            sample_prompts: list[dict], run_config: RunConfig, tokenizer, model=None,
+            stage: str = "train", on_trainer: Callable | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter and write the output layout; returns what it measured.
+
+    `sample_prompts`: [{prompt (rendered), prompt_preview, reference}] generated at each eval.
+    `model`: a prepared base (unwrapped) model, or None to load run_config.base_model.
+    `on_trainer(trainer)` runs before training starts (tests and benchmarks add callbacks)."""
+    run = setup(cfg, output_dir, run_config)
+    model = prepare_model(cfg, run, run_config.base_model, model)
+    trainer = build_trainer(cfg, run, model, tokenizer, train_rows=train_rows,
+                            eval_rows=eval_rows, sample_prompts=sample_prompts,
+                            run_config=run_config)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    result, elapsed = train(cfg, run, trainer)
+    return finish(cfg, run, trainer, result, elapsed, stage=stage, has_eval=bool(eval_rows))

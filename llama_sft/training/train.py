@@ -1,20 +1,28 @@
-"""TODO docstring"""
+"""The training stage behind llama_train.py: load and split the data, tokenize it, train, and
+write the output layout (layout.py). Chained from the pilot:
+
+    python3 llama_train.py --model-size 7b --dataset ./sft_output/sft_dataset.jsonl \\
+      --golden-set ./sft_output/golden_set.jsonl --output-dir ./training_output \\
+      --config ./sft_output/training_config.json --use-4bit --use-wandb
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_sft.cli import is_main_process
 from llama_sft.config import TrainArgs
-from llama_sft.data.loader import file_sha256, load_and_validate
+from llama_sft.data.loader import LoadStats, file_sha256, load_and_validate
 from llama_sft.data.prompts import resolve_prompt_format, sample_prompts_from
+from llama_sft.data.schemas import Example
 from llama_sft.data.splits import dataset_hash, split_examples
 from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
 from llama_sft.errors import ConfigError, DatasetError
-from llama_sft.layout import config_hash
+from llama_sft.layout import TEST_SPLIT, RunConfig
 from llama_sft.modeling.load import load_tokenizer, resolve_base_model
 from llama_sft.training.outputs import check_output_dir, finish_outputs
 from llama_sft.training.recipe import run_sft
@@ -23,42 +31,31 @@ from llama_sft.versions import TOOLKIT_VERSION, library_versions
 logger = logging.getLogger("llama_sft")
 
 
-
 def make_run_config(cfg: Any, *, stage: str, base_model: str, prompt_format: str,
-                    dataset_info: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config later stages read (allow-listed fields only: no paths to secrets,
-    no environment)."""
-
-    return {
-        "toolkit_version": TOOLKIT_VERSION,
-        "stage": stage,
-        "base_model": base_model,
-        "model_size": cfg.model_size,
-        "prompt_format": prompt_format,
-        "max_length": cfg.max_length,
-        "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,
-        "trust_remote_code": bool(cfg.trust_remote_code),
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "target_modules": cfg.lora_target_modules},
-        "training": {k: getattr(cfg, k) for k in (
-            "batch_size", "gradient_accumulation_steps", "learning_rate", "num_epochs",
-            "max_steps", "warmup_ratio", "weight_decay", "lr_scheduler", "eval_steps",
-            "early_stopping_patience", "gradient_checkpointing", "seed")},
-        "dataset": dataset_info,
-        "config_hash": config_hash(cfg),
-        "library_versions": library_versions(),
-    }
+                    dataset_info: dict[str, Any]) -> RunConfig:
+    """The resolved config later stages read (run_config.json)."""
+    return RunConfig.from_train_args(cfg, stage=stage, base_model=base_model,
+                                     prompt_format=prompt_format, dataset_info=dataset_info,
+                                     toolkit_version=TOOLKIT_VERSION,
+                                     library_versions=library_versions())
 
 
-def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
-    """Load and split the data, train, and write the output layout; returns train_results.
+@dataclass
+class TrainingData:
+    """The validated, split data of a run."""
 
-    `on_trainer(trainer)` is called before training starts (tests add callbacks with it)."""
+    examples: list[Example]
+    golden: list[Example]
+    splits: dict[str, list[Example]]
+    removed: dict[str, int]
+    load_stats: LoadStats
 
+
+def load_data(cfg: TrainArgs) -> TrainingData:
+    """--dataset and --golden-set validated (file:line errors), split by content hash, with the
+    golden set removed from every split."""
     if not cfg.dataset:
         raise ConfigError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
-    output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, cfg.resume)
     examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
                                              skip_invalid=cfg.skip_invalid)
     golden = []
@@ -70,44 +67,72 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
     if not splits["train"]:
         raise DatasetError(f"--dataset {cfg.dataset}: no examples left for training after the "
                            f"val/test split ({removed})")
-    base_model = resolve_base_model(cfg.model_size, cfg.base_model)
-    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
-    prompt_format = resolve_prompt_format(tokenizer, cfg.prompt_format)
-    tstats = TokenizeStats()
-    train_rows = tokenize_examples(splits["train"], tokenizer, max_length=cfg.max_length,
-                                   prompt_format=prompt_format, stats=tstats)
-    eval_source = splits["val"] or golden
+    return TrainingData(examples, golden, splits, removed, load_stats)
+
+
+def tokenize_data(cfg: TrainArgs, data: TrainingData, tokenizer, prompt_format: str):
+    """(train rows, eval rows, truncation counts); eval on the val split, else the golden set."""
+    stats = TokenizeStats()
+    train_rows = tokenize_examples(data.splits["train"], tokenizer, max_length=cfg.max_length,
+                                   prompt_format=prompt_format, stats=stats)
+    eval_source = data.splits["val"] or data.golden
     eval_rows = tokenize_examples(eval_source, tokenizer, max_length=cfg.max_length,
                                   prompt_format=prompt_format) if eval_source else []
     logger.info("data: %d train, %d val, %d test, %d golden | removed %s | truncated: %d context, "
-                "%d response; dropped (no supervised token): %d", len(splits["train"]),
-                len(splits["val"]), len(splits["test"]), len(golden), removed or "nothing",
-                tstats.context_truncated, tstats.response_truncated,
-                tstats.dropped_no_supervised_tokens)
+                "%d response; dropped (no supervised token): %d", len(data.splits["train"]),
+                len(data.splits["val"]), len(data.splits["test"]), len(data.golden),
+                data.removed or "nothing", stats.context_truncated, stats.response_truncated,
+                stats.dropped_no_supervised_tokens)
     if not train_rows:
         raise DatasetError("every training example was dropped: no room for the response within "
                            f"--max-length {cfg.max_length}; raise it")
-    dataset_info = {
+    return train_rows, eval_rows, stats
+
+
+def dataset_info(cfg: TrainArgs, data: TrainingData, stats: TokenizeStats) -> dict[str, Any]:
+    """What run_config.json records about the data (names and hashes, never contents)."""
+    return {
         "path": Path(cfg.dataset).name, "file_sha256": file_sha256(cfg.dataset),
-        "dataset_hash": dataset_hash(examples),
+        "dataset_hash": dataset_hash(data.examples),
         "golden_set": Path(cfg.golden_set).name if cfg.golden_set else None,
-        "splits": {k: len(v) for k, v in splits.items()}, "removed": removed,
-        "skipped_invalid": load_stats.skipped_invalid, "tokenization": tstats.to_dict(),
-        "eval_on": "val" if splits["val"] else ("golden_set" if golden else None),
+        "splits": {k: len(v) for k, v in data.splits.items()}, "removed": data.removed,
+        "skipped_invalid": data.load_stats.skipped_invalid, "tokenization": stats.to_dict(),
+        "eval_on": "val" if data.splits["val"] else ("golden_set" if data.golden else None),
     }
-    run_config = make_run_config(cfg, stage="train", base_model=base_model,
-                                 prompt_format=prompt_format, dataset_info=dataset_info)
+
+
+def write_test_split(output_dir: Path, test: list[Example]) -> None:
+    """test.jsonl: the hash-based test split, for llama_evaluate.py (rank 0)."""
+    if not test or not is_main_process():
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
-    if splits["test"] and is_main_process():
-        with open(output_dir / "test.jsonl", "w", encoding="utf-8") as fh:
-            for ex in splits["test"]:
-                fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-    samples = sample_prompts_from(golden or splits["val"], tokenizer, prompt_format,
+    with open(output_dir / TEST_SPLIT, "w", encoding="utf-8") as fh:
+        for ex in test:
+            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+
+
+def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
+    """Load and split the data, train, and write the output layout; returns train_results.
+
+    `on_trainer(trainer)` is called before training starts (tests add callbacks with it)."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.dataset:
+        check_output_dir(output_dir, cfg.resume)
+    data = load_data(cfg)
+    base_model = resolve_base_model(cfg.model_size, cfg.base_model)
+    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
+    prompt_format = resolve_prompt_format(tokenizer, cfg.prompt_format)
+    train_rows, eval_rows, stats = tokenize_data(cfg, data, tokenizer, prompt_format)
+    info = dataset_info(cfg, data, stats)
+    run_config = make_run_config(cfg, stage="train", base_model=base_model,
+                                 prompt_format=prompt_format, dataset_info=info)
+    write_test_split(output_dir, data.splits["test"])
+    samples = sample_prompts_from(data.golden or data.splits["val"], tokenizer, prompt_format,
                                   cfg.num_sample_prompts)
     result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=eval_rows,
                      sample_prompts=samples, run_config=run_config, tokenizer=tokenizer,
                      on_trainer=on_trainer)
-    result["data"] = dataset_info
+    result["data"] = info
     return finish_outputs(result, tokenizer=tokenizer, output_dir=output_dir,
                           run_config=run_config)
 
