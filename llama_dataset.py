@@ -52,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model_size = "135m"  # the report needs a tokenizer; the embedded one works offline
         cfg = resolve_config(ReportArgs, args)
         validate(cfg)
-        from llama_sft.data.report import format_report, run_report  # after the flags: fast --help
+        # imported after the flags are checked: --help and bad flags load no torch
+        from llama_sft.data.report import format_report, run_report
+
         report = run_report(cfg, output)
         if show or not output:
             print(format_report(report))

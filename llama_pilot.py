@@ -55,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         setup_logging()
         cfg, why = resolve_pilot_config(build_parser().parse_args(argv))
-        from llama_sft.training.pilot import format_summary, run_pilot  # after the flags: fast --help
+        # imported after the flags are checked: --help and bad flags load no torch
+        from llama_sft.training.pilot import format_summary, run_pilot
+
         report = run_pilot(cfg, model_choice=why)
         if report.get("interrupted"):
             print(f"{report['status']} at step {report['global_step']}; a checkpoint is saved. "

@@ -77,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         cfg = resolve_train_config(argv)
         log_overrides(cfg)
-        from llama_sft.training.train import format_train_summary, run_train  # after the flags: fast --help
+        # imported after the flags are checked: --help and bad flags load no torch
+        from llama_sft.training.train import format_train_summary, run_train
+
         result = run_train(cfg)
         print(format_train_summary(result, cfg.output_dir))
         return result.get("exit_code", 0)

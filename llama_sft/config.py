@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Per-size model specs and the per-stage argument dataclasses, with one precedence chain
+(built-in defaults for the model size < --config FILE.json < explicit flags), one validate()
+that reports every problem at once, and dataclass -> argparse flags."""
 
 from __future__ import annotations
 
@@ -304,30 +306,40 @@ def read_config_file(path: str | os.PathLike, cls: type) -> dict[str, Any]:
             close = _close_matches(norm, names)
             problems.append(f"unknown key {key!r}" + (f" (did you mean {close!r}?)" if close else ""))
             continue
-        kind = _field_type(names[norm])
-        if value is None:
-            out[norm] = None
-            continue
-        if kind is bool and not isinstance(value, bool):
-            problems.append(f"key {key!r} must be true or false, got {type(value).__name__}")
-        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                problems.append(f"key {key!r} must be an integer, got {value!r}")
-        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            problems.append(f"key {key!r} must be a number, got {type(value).__name__}")
-        elif kind is str and not isinstance(value, str):
-            problems.append(f"key {key!r} must be a string, got {type(value).__name__}")
-        elif (choices := names[norm].metadata.get("choices")) and norm != "model_size" \
-                and value not in choices:
-            # argparse enforces choices for flags; the file must not bypass them (model_size
-            # is checked by get_spec, which also accepts 'smollm2-135m').
-            problems.append(f"key {key!r} must be one of {', '.join(choices)}, got {value!r}")
-        out[norm] = float(value) if kind is float and not isinstance(value, bool) and isinstance(value, (int, float)) else value
+        value, problem = _config_value(key, value, names[norm])
+        if problem:
+            problems.append(problem)
+        else:
+            out[norm] = value
     if problems:
         raise ConfigError(f"--config {path}: " + "; ".join(problems))
     return out
+
+
+def _config_value(key: str, value: Any, f: dataclasses.Field) -> tuple[Any, str | None]:
+    """A --config value checked against its field's type and choices: (value, None) or
+    (None, the problem)."""
+    if value is None:
+        return None, None
+    kind = _field_type(f)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and not isinstance(value, bool):
+        return None, f"key {key!r} must be true or false, got {type(value).__name__}"
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        return None, f"key {key!r} must be an integer, got {value!r}"
+    if kind is float:
+        return (float(value), None) if number else (
+            None, f"key {key!r} must be a number, got {type(value).__name__}")
+    if kind is str and not isinstance(value, str):
+        return None, f"key {key!r} must be a string, got {type(value).__name__}"
+    choices = f.metadata.get("choices")
+    # argparse enforces choices for flags; the file must not bypass them (model_size is checked
+    # by get_spec, which also accepts 'smollm2-135m').
+    if choices and f.name != "model_size" and value not in choices:
+        return None, f"key {key!r} must be one of {', '.join(choices)}, got {value!r}"
+    return value, None
 
 
 def _close_matches(name: str, names: Iterable[str]) -> str | None:
@@ -387,6 +399,12 @@ def validate(cfg: Any) -> None:
         v = get(name)
         if v is not None and v < 1:
             problems.append(f"{_flag(name)} must be >= 1, got {v}")
+    problems += _range_problems(get) + _path_problems(get)
+    raise_problems(problems)
+
+
+def _range_problems(get) -> list[str]:
+    problems: list[str] = []
     v = get("lora_dropout")
     if v is not None and not 0 <= v < 1:
         problems.append(f"--lora-dropout must be in [0, 1), got {v}")
@@ -408,6 +426,11 @@ def validate(cfg: Any) -> None:
     v = get("warmup_ratio")
     if v is not None and not 0 <= v < 1:
         problems.append(f"--warmup-ratio must be in [0, 1), got {v}")
+    return problems
+
+
+def _path_problems(get) -> list[str]:
+    problems: list[str] = []
     for name in ("dataset", "golden_set"):
         path = get(name)
         if path and Path(path).is_dir():
@@ -421,7 +444,7 @@ def validate(cfg: Any) -> None:
     if res and res != "auto" and not Path(res).is_dir():
         problems.append(f"--resume {res}: no such checkpoint folder (use 'auto' or a "
                         f"checkpoint-* folder)")
-    raise_problems(problems)
+    return problems
 
 
 def raise_problems(problems: Sequence[str]) -> None:

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The toolkit's version and the installed versions of the libraries it records in run
+configs, results and package metadata."""
 
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def gen_closed_qa(rng, i):
               ([f"How many years did {last} spend at {comp2}?"], str(years)),
               ([f"About how many people does {comp} employ?",
                 f"How many employees does {comp} have?"], f"{staff:,}"),
-              ([f"In what year was the announcement made?"], str(d.year))]
+              (["In what year was the announcement made?"], str(d.year))]
         key = (kind, comp, full)
     elif kind == "biography":
         first, last, full = person(rng)
@@ -503,7 +503,7 @@ SUM_INSTR = ["Summarize the passage in one sentence.", "Write a one-sentence sum
 
 def gen_summarization(rng, i):
     kind = ["earnings", "appointment", "recall", "storm", "expansion"][i % 5]
-    (comp, industry), (first, last, full) = company(rng), person(rng)
+    (comp, industry), (_first, last, full) = company(rng), person(rng)
     if kind == "recall":
         comp, (ptype, name) = maker(rng), product(rng, POWERED)
     if kind == "earnings":

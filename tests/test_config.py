@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-import llama_config
 import llama_sft.memory
 from llama_config import build_parser, main
 from llama_sft.config import (

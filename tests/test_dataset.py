@@ -227,7 +227,6 @@ def test_guarantee_10_truncation_cuts_context_first_drops_and_counts_visibly(
     and counted; the same counts appear in the dataset report and in the training log and
     run_config.json."""
     import llama_sft.training.train
-
     import llama_train
 
     long_context = Example("Summarize the passage.", "word " * 600, "A short summary.")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-import llama_sft.evaluation.metrics as lm
 import pytest
 
+import llama_sft.evaluation.metrics as lm
 from llama_sft.evaluation.metrics import aggregate, score_example
 
 GSM = lm.GSM8K_ANSWER_REGEX

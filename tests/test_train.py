@@ -23,8 +23,8 @@ from llama_sft.training.checkpoints import (
     list_checkpoints,
     rotate_checkpoints,
 )
-from llama_sft.training.train import run_train
 from llama_sft.training.faults import FaultInjection
+from llama_sft.training.train import run_train
 from llama_sft.training.trainer import SFTTrainer
 
 

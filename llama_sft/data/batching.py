@@ -1,4 +1,7 @@
-"""TODO docstring"""
+"""Batches for training: the padding collator (padding masked by the attention mask, never by
+token id), the tokenized-rows dataset, example ids for the consumed-ids log, and the
+length-grouped sampler (transformers' order, with megabatches that also group small sets).
+Imports torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The validating JSONL loader: every malformed line is an error naming file:line and why
+(never its content), or skipped and counted with --skip-invalid."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from llama_sft.data.schemas import Example, normalize_record, parse_field_map
 from llama_sft.errors import DatasetError
@@ -42,12 +43,7 @@ def iter_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
                   stats: LoadStats | None = None) -> Iterator[Example]:
     """load_examples one line at a time: the same checks, errors and counts, holding one line
     and one example at a time (the dataset report streams through it)."""
-    p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"{path}: file not found (the sample data is in ./sft_output/; "
-                           f"regenerate it with `python3 sft_output/make_sample_data.py`)")
-    if p.is_dir():
-        raise DatasetError(f"{path}: is a folder; pass a .jsonl file")
+    p = _input_file(path)
     fmap = parse_field_map(field_map) if isinstance(field_map, (str, type(None))) else field_map
     stats = stats if stats is not None else LoadStats()
 
@@ -58,59 +54,81 @@ def iter_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
         stats.skipped_invalid += 1
         stats.skipped_reasons[reason.split(":")[0].split(" (")[0]] += 1
 
-    with open(p, "rb") as fh:
+    for lineno, raw in _raw_lines(p, max_line_bytes):
+        if raw is None:
+            bad(lineno, f"line longer than {max_line_bytes} bytes")
+            continue
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if not skip_invalid:
+                raise DatasetError(f"{path}:1: file starts with a UTF-8 byte-order mark (BOM); "
+                                   "re-save it as UTF-8 without BOM")
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        obj, reason = _decode_json(raw)
+        if reason is None:
+            try:
+                ex = normalize_record(obj, fmap)
+            except ValueError as e:
+                reason = str(e)
+        if reason is not None:
+            bad(lineno, reason)
+            continue
+        ex.line = lineno
+        stats.rows += 1
+        yield ex
+
+
+def _input_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{path}: file not found (the sample data is in ./sft_output/; "
+                           f"regenerate it with `python3 sft_output/make_sample_data.py`)")
+    if p.is_dir():
+        raise DatasetError(f"{path}: is a folder; pass a .jsonl file")
+    return p
+
+
+def _raw_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line; None for a line over max_line_bytes, whose rest is
+    skipped without being held in memory."""
+    with open(path, "rb") as fh:
         lineno = 0
         while True:
             raw = fh.readline(max_line_bytes + 1)
             if not raw:
-                break
+                return
             lineno += 1
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                # Skip the rest of the over-long line without holding it in memory.
                 while True:
                     chunk = fh.readline(1 << 20)
                     if not chunk or chunk.endswith(b"\n"):
                         break
-                bad(lineno, f"line longer than {max_line_bytes} bytes")
-                continue
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                if not skip_invalid:
-                    raise DatasetError(f"{path}:1: file starts with a UTF-8 byte-order mark (BOM); "
-                                       "re-save it as UTF-8 without BOM")
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                bad(lineno, f"not valid UTF-8 (byte {e.start})")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                what = "truncated JSON" if "Unterminated" in e.msg or "Expecting" in e.msg and \
-                    e.pos >= len(text.rstrip()) - 1 else "invalid JSON"
-                bad(lineno, f"{what} ({e.msg} at column {e.colno})")
-                continue
-            except RecursionError:
-                bad(lineno, "JSON nested too deeply")
-                continue
-            except ValueError:
-                # Not a JSONDecodeError: an integer longer than sys.get_int_max_str_digits().
-                bad(lineno, "invalid JSON (a number has too many digits)")
-                continue
-            try:
-                ex = normalize_record(obj, fmap)
-            except ValueError as e:
-                bad(lineno, str(e))
-                continue
-            ex.line = lineno
-            stats.rows += 1
-            yield ex
+                yield lineno, None
+            else:
+                yield lineno, raw
+
+
+def _decode_json(raw: bytes) -> tuple[Any, str | None]:
+    """The JSON value of one line, or None and the reason it is not valid JSON text."""
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte {e.start})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        what = "truncated JSON" if "Unterminated" in e.msg or "Expecting" in e.msg and \
+            e.pos >= len(text.rstrip()) - 1 else "invalid JSON"
+        return None, f"{what} ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except ValueError:
+        # Not a JSONDecodeError: an integer longer than sys.get_int_max_str_digits().
+        return None, "invalid JSON (a number has too many digits)"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-
     return sha256_file(path)
 
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Prompt formats: the tokenizer's chat template, or the documented instruction template for
+base models; rendering for training and generation, and the sample prompts logged in training."""
 
 from __future__ import annotations
 

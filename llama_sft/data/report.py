@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The dataset report of `llama_dataset.py --report`: counts, categories, token lengths,
+truncation, duplicates and splits, computed in a streaming pass."""
 
 from __future__ import annotations
 

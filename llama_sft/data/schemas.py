@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The accepted record schemas (instruction/context/response, Alpaca, prompt/completion, chat
+messages, --field-map) normalised to one Example."""
 
 from __future__ import annotations
 
@@ -94,6 +95,14 @@ def normalize_record(obj: Any, field_map: dict[str, str | None]) -> Example:
     includes field values (records may hold secrets)."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {_type_name(obj)}")
+    rec = _canonical_fields(_apply_field_map(obj, field_map))
+    _check_fields(rec, obj)
+    return Example(instruction=rec["instruction"], context=rec.get("context") or "",
+                   response=rec["response"], category=rec.get("category") or "uncategorized",
+                   id=None if rec.get("id") is None else str(rec["id"]))
+
+
+def _apply_field_map(obj: dict[str, Any], field_map: dict[str, str | None]) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     for k, v in obj.items():
         if k in field_map:
@@ -101,6 +110,11 @@ def normalize_record(obj: Any, field_map: dict[str, str | None]) -> Example:
                 rec[field_map[k]] = v
         else:
             rec[k] = v
+    return rec
+
+
+def _canonical_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """The other schemas (chat messages, prompt/completion, Alpaca) renamed to the native one."""
     keys = set(rec)
     if "messages" in keys:
         extra = keys - {"messages", "category", "id"}
@@ -108,20 +122,23 @@ def normalize_record(obj: Any, field_map: dict[str, str | None]) -> Example:
             raise ValueError(f"unknown field(s) {sorted(extra)} beside 'messages'")
         mapped = _messages_to_fields(rec["messages"])
         mapped.update({k: rec[k] for k in ("category", "id") if k in rec})
-        rec = mapped
-    elif "prompt" in keys or "completion" in keys:
-        rec = dict(rec)
+        return mapped
+    rec = dict(rec)
+    if "prompt" in keys or "completion" in keys:
         if "prompt" in rec:
             rec["instruction"] = rec.pop("prompt")
         if "completion" in rec:
             rec["response"] = rec.pop("completion")
     elif "output" in keys and "response" not in keys:  # Alpaca
-        rec = dict(rec)
         rec["response"] = rec.pop("output")
         if "input" in rec:
             rec["context"] = rec.pop("input")
-    allowed = set(CANONICAL_FIELDS + OPTIONAL_FIELDS)
-    unknown = sorted(set(rec) - allowed)
+    return rec
+
+
+def _check_fields(rec: dict[str, Any], obj: dict[str, Any]) -> None:
+    """Unknown, missing and mistyped fields; nulls of optional fields are dropped from rec."""
+    unknown = sorted(set(rec) - set(CANONICAL_FIELDS + OPTIONAL_FIELDS))
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}; map them with --field-map "
                          f"'{unknown[0]}=context' or ignore them with --field-map '{unknown[0]}='")
@@ -136,6 +153,11 @@ def normalize_record(obj: Any, field_map: dict[str, str | None]) -> Example:
             raise ValueError(f"field {name!r} must be a string, got {_type_name(rec[name])}")
     if "id" in rec and not isinstance(rec["id"], (str, int)) or isinstance(rec.get("id"), bool):
         raise ValueError(f"field 'id' must be a string or an integer, got {_type_name(rec['id'])}")
+    _check_text(rec)
+
+
+def _check_text(rec: dict[str, Any]) -> None:
+    """Valid Unicode everywhere, and a non-empty instruction and response."""
     for name in ("instruction", "context", "response", "category", "id"):
         if isinstance(rec.get(name), str):
             try:
@@ -149,6 +171,3 @@ def normalize_record(obj: Any, field_map: dict[str, str | None]) -> Example:
         raise ValueError("field 'instruction' is empty")
     if not rec["response"].strip():
         raise ValueError("field 'response' is empty: there is nothing to learn from this line")
-    return Example(instruction=rec["instruction"], context=rec.get("context") or "",
-                   response=rec["response"], category=rec.get("category") or "uncategorized",
-                   id=None if rec.get("id") is None else str(rec["id"]))

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Hash-based train/val/test splits (appending rows never moves a row to another split), with
+the golden set and duplicates removed, and the dataset hash recorded by runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Tokenization with response-only labels: prompt tokens are -100, every response ends with a
+supervised EOS (also when pad == eos); the context is cut first; an example left with no
+supervised token is dropped and counted."""
 
 from __future__ import annotations
 

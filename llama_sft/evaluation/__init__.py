@@ -1,1 +1,2 @@
-"""TODO"""
+"""Evaluation: batched generation (generate), per-example metrics and their aggregation
+(metrics), and the llama_evaluate.py stage (evaluate)."""

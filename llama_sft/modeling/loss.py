@@ -1,4 +1,20 @@
-"""TODO docstring"""
+"""The training loss at supervised positions only, and teacher-forced NLL per example.
+
+Kept apart from the Trainer subclass so they can be tested and benchmarked on their own
+(the length-grouped sampler is in data/batching.py):
+
+- `supervised_cross_entropy`: the LM head and cross-entropy on the supervised rows of the final
+  hidden states, in chunks, with the gradient with respect to the hidden states computed in the
+  forward pass (the head is frozen under LoRA, so nothing else needs it). The [tokens, vocab]
+  logits never exist whole: a 49k-word vocabulary at 700 supervised tokens is 137 MB of fp32
+  logits, plus as much again for the softmax autograd keeps and for its gradient. The
+  arithmetic is the same as `F.cross_entropy(head(h).float(), y, reduction="sum") * scale`
+  under the same autocast: logits in the head's (autocast) dtype, softmax in fp32, the logit
+  gradient scaled and cast back before the input-gradient matmul.
+- `GroupedLengthSampler`: transformers' length-grouped order with megabatches that also group
+  on small datasets (transformers uses len // (4 * batch) batches per megabatch, one batch on a
+  set of fewer than 8 batches, so nothing is grouped), and the batches of each megabatch
+  shuffled instead of longest to shortest."""
 
 from __future__ import annotations
 

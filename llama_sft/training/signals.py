@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""SIGINT/SIGTERM during training: the first finishes the step, saves a checkpoint and exits
+130/143; a second one stops at once."""
 
 from __future__ import annotations
 

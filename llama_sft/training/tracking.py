@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""W&B through transformers' integration: offline when no API key is configured, closed and
+torn down after each run so the next run in the process logs to its own."""
 
 from __future__ import annotations
 
