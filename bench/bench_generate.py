@@ -1,4 +1,4 @@
-"""Evaluation generation: llama_generate.generate batched against one prompt at a time.
+"""Evaluation generation: llama_sft.evaluation.generate.generate batched against one prompt at a time.
 
     python3 bench/bench_generate.py --quick      # 16 prompts, 48 new tokens, 1 round
     python3 bench/bench_generate.py              # 32 prompts, 128 new tokens, 2 rounds

@@ -12,7 +12,7 @@ categories. Real lengths: ~70 prompt and ~130 response tokens per row.
 
 Every figure comes from a fresh child process, so one measurement cannot inherit another's
 memory:
-  load      llama_dataset.load_examples(file): wall time, peak RSS, and the peak above the RSS
+  load      llama_sft.data.loader.load_examples(file): wall time, peak RSS, and the peak above the RSS
             before the call (the parsed records);
   split     split_examples on the loaded records: wall time and the peak above the RSS before
             the split (the peak is reset with /proc/self/clear_refs after loading);
@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GSM8K, cpu_model_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("llama_dataset.py", "llama_config.py", "llama_model.py", "llama_io.py")
 REPORT_BOUND = 0.5   # report peak RSS above its baseline < 0.5 x file size
 CATEGORIES = ("math", "math_word_problem", "arithmetic", "reasoning")
 
@@ -91,12 +90,19 @@ def reset_peak():
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
 
-import llama_dataset as D
+try:
+    from llama_sft.data.loader import load_examples
+    from llama_sft.data.splits import split_examples
+    from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
+    from llama_sft.modeling.load import load_tokenizer
+except ImportError:  # a revision from before the llama_sft package (--compare-ref)
+    from llama_dataset import TokenizeStats, load_examples, split_examples, tokenize_examples
+    from llama_model import load_tokenizer
 out = {}
 if what in ("load", "split", "tokenize"):
     rss0 = status("VmRSS")
     t0 = time.perf_counter()
-    examples = D.load_examples(path)
+    examples = load_examples(path)
     out["load_seconds"] = time.perf_counter() - t0
     out["examples"] = len(examples)
     out["load_peak_mb"] = status("VmHWM")
@@ -106,21 +112,20 @@ if what == "split":
     rss1 = status("VmRSS")
     reset_peak()
     t0 = time.perf_counter()
-    splits, removed = D.split_examples(examples, val_ratio=0.05, test_ratio=0.05)
+    splits, removed = split_examples(examples, val_ratio=0.05, test_ratio=0.05)
     out["split_seconds"] = time.perf_counter() - t0
     out["split_delta_mb"] = status("VmHWM") - rss1
     out["splits"] = {k: len(v) for k, v in splits.items()}
     out["removed"] = removed
 if what == "tokenize":
-    import llama_model
-    tok = llama_model.load_tokenizer("smollm2-135m")
+    tok = load_tokenizer("smollm2-135m")
     subset = examples[: extra["rows"]]
     del examples
-    stats = D.TokenizeStats()
+    stats = TokenizeStats()
     rss1 = status("VmRSS")
     reset_peak()
     t0 = time.perf_counter()
-    rows = D.tokenize_examples(subset, tok, max_length=2048, prompt_format="auto", stats=stats)
+    rows = tokenize_examples(subset, tok, max_length=2048, prompt_format="auto", stats=stats)
     out["tokenize_seconds"] = time.perf_counter() - t0
     out["tokenize_rows"] = len(subset)
     out["tokenize_tokens"] = stats.total_tokens
@@ -169,11 +174,11 @@ def run_report_cli(code_dir: Path, path: Path, out_json: Path) -> dict:
 
 
 def export_revision(ref: str, dest: Path) -> Path:
+    """The whole tree at `ref` (flat modules before the llama_sft package, the package after)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in MODULES:
-        text = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout
-        (dest / name).write_text(text, encoding="utf-8")
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
 
 

@@ -8,7 +8,7 @@
 Contenders (each runs in its own subprocess, so its peak RSS is its own; the parent alternates
 them A B C D, D C B A, ... so drift on a shared machine hits each alike):
 
-- ours: llama_trainer.run_sft, the toolkit's real training path (config from llama_train's
+- ours: llama_sft.training.recipe.run_sft, the toolkit's real training path (config from llama_train's
   precedence chain for the model size: bf16 weights + bf16 autocast on a CPU with bf16, LoRA,
   PadCollator dynamic padding, group_by_length batches, LM head at supervised positions only).
 - trl_default: trl.SFTTrainer with its defaults (model given by path: fp32 weights, bf16

@@ -6,10 +6,10 @@
 One process holds one copy of the embedded 135M per variant and times full optimizer steps
 (forward + backward + fused AdamW) of the toolkit's loss (final-norm hook, logits_to_keep=1, LM
 head at supervised positions only, fp32 cross-entropy) on one fixed batch of GSM8K rows padded
-by llama_trainer.PadCollator; variants are alternated step block by step block (A B C ..., then
+by llama_sft.data.batching.PadCollator; variants are alternated step block by step block (A B C ..., then
 reversed), so drift on the shared machine falls on all of them alike.
 
-Variants (baseline = what llama_trainer does today on a CPU with bf16):
+Variants (baseline = what the toolkit's trainer does today on a CPU with bf16):
   baseline        bf16 base weights, fp32 LoRA (peft's autocast_adapter_dtype default), bf16
                   autocast, lora_dropout of the 135m config, SDPA, peft casts each LoRA input
                   to fp32 first (then autocast casts it back to bf16 for the matmul); the
@@ -105,7 +105,7 @@ def make_variant(name: str, spec) -> dict[str, Any]:
 
 
 def train_step(v: dict[str, Any], batch: dict[str, Any], saved: dict | None = None) -> float:
-    """One optimizer step with the toolkit's loss (see llama_trainer.make_trainer_class).
+    """One optimizer step with the toolkit's loss (see llama_sft.training.trainer.SFTTrainer).
     With `saved`, also adds up the bytes of the distinct tensors autograd keeps for backward
     (the activation memory of the step) into saved["bytes"]."""
     import contextlib

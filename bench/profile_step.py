@@ -3,7 +3,7 @@
     python3 bench/profile_step.py                    # batch of the 135m config (4)
     python3 bench/profile_step.py --batch-size 8 --trace /tmp/step.json
 
-Trains through llama_trainer.run_sft (the real path, same config as bench_train.py's "ours") on
+Trains through llama_sft.training.recipe.run_sft (the real path, same config as bench_train.py's "ours") on
 GSM8K + sample rows, skips --warmup-steps steps, profiles the next one, and prints the top ops by
 self CPU time, grouped into buckets (matmuls, attention, casts, elementwise, optimizer, ...), with
 the tokens of that step.
