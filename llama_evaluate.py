@@ -54,8 +54,15 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_sft.cli import ArgumentParser
-    from llama_sft.config import (EVAL_DATA_FLAGS, EVAL_FLAG_HELP, EVAL_MODEL_FLAGS, DataArgs,
-                                  EvalArgs, ModelArgs, add_dataclass_args)
+    from llama_sft.config import (
+        EVAL_DATA_FLAGS,
+        EVAL_FLAG_HELP,
+        EVAL_MODEL_FLAGS,
+        DataArgs,
+        EvalArgs,
+        ModelArgs,
+        add_dataclass_args,
+    )
 
     p = ArgumentParser(prog="llama_evaluate.py", description=__doc__)
     inherited = {f.name for f in dataclasses.fields(ModelArgs) + dataclasses.fields(DataArgs)}
@@ -84,16 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one `error: ...` line, see llama_sft.cli.run_cli)."""
-    from llama_sft.cli import run_cli, setup_logging
-    from llama_sft.config import EvalArgs, log_overrides, resolve_config, validate
+    from llama_sft.cli import run_cli
+    from llama_sft.config import EvalArgs, log_overrides, parse_stage_config, validate
 
     def body() -> int:
-        args = build_parser().parse_args(argv)
-        setup_logging(args.__dict__.pop("verbose"))
-        cfg = resolve_config(EvalArgs, args)
+        cfg = parse_stage_config(build_parser(), argv, EvalArgs)
         validate(cfg)
         log_overrides(cfg)
-        from llama_sft.evaluation.evaluate import format_table, run_evaluate  # after the flags: fast --help
+        # Imported once the flags are checked, so --help and flag errors answer without torch.
+        from llama_sft.evaluation.evaluate import format_table, run_evaluate
+
         print(format_table(run_evaluate(cfg)))
         return 0
 

@@ -65,17 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 1 verification failed, 2 bad input; one `error: ...` line."""
-    from llama_sft.cli import run_cli, setup_logging
-    from llama_sft.config import PackageArgs, get_spec, resolve_config
+    from llama_sft.cli import run_cli
+    from llama_sft.config import PackageArgs, parse_stage_config
 
     def body() -> int:
-        args = build_parser().parse_args(argv)
-        setup_logging(args.__dict__.pop("verbose"))
-        cfg = resolve_config(PackageArgs, args)
-        if cfg.model_size:
-            cfg.model_size = get_spec(cfg.model_size).size
+        cfg = parse_stage_config(build_parser(), argv, PackageArgs)
+        # The library is imported after the flags are parsed, so --help answers fast.
         if cfg.verify:
-            from llama_sft.packaging.verify import run_verify  # after the flags: fast --help
+            from llama_sft.packaging.verify import run_verify
 
             result = run_verify(cfg)
             print(f"OK: {result['archive']} verified ({result['files_checked']} files)")

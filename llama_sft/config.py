@@ -381,6 +381,17 @@ def resolve_config(cls: type, args: argparse.Namespace) -> Any:
     return cfg
 
 
+def parse_stage_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                       cls: type) -> Any:
+    """A stage's flags parsed (with its -v/--verbose), logging set up, and the precedence chain
+    resolved into `cls`."""
+    from llama_sft.cli import setup_logging
+
+    args = parser.parse_args(argv)
+    setup_logging(args.__dict__.pop("verbose", False))
+    return resolve_config(cls, args)
+
+
 def validate(cfg: Any) -> None:
     """Collect every problem in a resolved config and raise once."""
     problems: list[str] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_evaluate import GOLDEN, make_adapter
+from helpers import GOLDEN, make_adapter
 
 import llama_evaluate
 import llama_package

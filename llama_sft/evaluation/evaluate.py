@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""The evaluation stage behind llama_evaluate.py: check inputs, inherit the adapter's run config,
+generate and score the tuned (and with --compare-base the base) model, write the results JSON and
+samples JSONL, and format the summary table.
+
+    python3 llama_evaluate.py --adapter-path ./training_output/final_model \
+        --dataset ./sft_output/golden_set.jsonl --output ./evaluation_results.json
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +31,7 @@ from llama_sft.data.prompts import render_prompt, resolve_prompt_format
 from llama_sft.data.splits import dataset_hash
 from llama_sft.data.tokenize import tokenize_examples
 from llama_sft.errors import ConfigError, ModelLoadError
-from llama_sft.evaluation.generate import generate
+from llama_sft.evaluation.generate import Generation, generate
 from llama_sft.evaluation.metrics import (
     aggregate,
     compile_answer_regex,
@@ -40,22 +47,17 @@ from llama_sft.files import (
     sha256_file,
     write_text_atomic,
 )
-from llama_sft.layout import ADAPTER_WEIGHTS
+from llama_sft.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunConfig
 from llama_sft.modeling.load import (
     best_dtype,
-    load_model,
-    load_tokenizer,
+    load_for_inference,
     read_run_config,
     resolve_base_model,
-    same_base,
 )
 from llama_sft.modeling.loss import per_example_nll
-from llama_sft.versions import CORE_LIBRARIES
-from llama_sft.versions import library_versions as versions
+from llama_sft.versions import CORE_LIBRARIES, library_versions
 
 logger = logging.getLogger("llama_sft")
-
-
 
 # Fields that the adapter's run_config.json fills in unless given as a flag or in --config.
 INHERITED_FIELDS = ("base_model", "model_size", "prompt_format", "max_length")
@@ -187,18 +189,18 @@ def check_earlier_results(cfg: EvalArgs, *, base_model: str, adapter_sha: str | 
                           "(nothing was written)")
 
 
-def inherit_run_config(cfg: EvalArgs, run_cfg: dict[str, Any]) -> EvalArgs:
+def inherit_run_config(cfg: EvalArgs, run: RunConfig) -> EvalArgs:
     """Fill base model, size, prompt format and max length from the adapter's run config where
     the user gave none; log each inherited value and each override."""
     explicit = explicit_fields(cfg)
-    trained_size = run_cfg.get("model_size")
-    if "model_size" in explicit and trained_size and get_spec(trained_size).size != cfg.model_size:
+    if ("model_size" in explicit and run.model_size
+            and get_spec(run.model_size).size != cfg.model_size):
         raise ConfigError(f"the adapter in {cfg.adapter_path} was trained as --model-size "
-                          f"{trained_size}, not {cfg.model_size}; drop --model-size")
+                          f"{run.model_size}, not {cfg.model_size}; drop --model-size")
     if "batch_size" not in explicit:
         cfg.batch_size = EVAL_BATCH_SIZE  # resolve_config put the training batch size here
     for name in INHERITED_FIELDS:
-        recorded = run_cfg.get(name)
+        recorded = getattr(run, name)
         if name in explicit:
             if recorded is not None and recorded != getattr(cfg, name):
                 logger.info("%s = %r (flag; the adapter's run_config.json says %r)", name,
@@ -206,23 +208,17 @@ def inherit_run_config(cfg: EvalArgs, run_cfg: dict[str, Any]) -> EvalArgs:
         elif recorded is not None:
             setattr(cfg, name, get_spec(recorded).size if name == "model_size" else recorded)
             logger.info("%s = %r (from the adapter's run_config.json)", name, recorded)
-    if "max_length" not in explicit and not run_cfg.get("max_length"):
+    if "max_length" not in explicit and not run.max_length:
         cfg.max_length = get_spec(cfg.model_size).max_length
-    trained_q = run_cfg.get("quantization")
     eval_q = "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None
-    if trained_q and trained_q != eval_q:
+    if run.quantization and run.quantization != eval_q:
         logger.info("the adapter was trained on a %s base and is evaluated on a %s one; pass "
-                    "--use-%s to evaluate it as trained", trained_q, eval_q or "unquantized",
-                    trained_q)
-    if run_cfg.get("trust_remote_code") and not cfg.trust_remote_code:
+                    "--use-%s to evaluate it as trained", run.quantization,
+                    eval_q or "unquantized", run.quantization)
+    if run.trust_remote_code and not cfg.trust_remote_code:
         logger.info("the adapter was trained with --trust-remote-code; it stays off here unless "
                     "you pass it")
     return cfg
-
-
-def library_versions() -> dict[str, str]:
-
-    return versions(CORE_LIBRARIES + ("rouge-score", "sacrebleu"))
 
 
 def evaluation_order(examples: Sequence[Any]) -> list[Any]:
@@ -247,9 +243,7 @@ def response_nll(model, tokenizer, features: Sequence[dict[str, Any]], *,
     """(summed NLL in nats, supervised token count) per tokenized example, teacher-forced on the
     response tokens only (llama_loss.per_example_nll: the LM head runs on supervised positions
     only)."""
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return per_example_nll(model, features, pad, batch_size=batch_size)
+    return per_example_nll(model, features, tokenizer.pad_token_id, batch_size=batch_size)
 
 
 def eval_dtype(name: str):
@@ -260,7 +254,6 @@ def eval_dtype(name: str):
     model: 5 of 6 texts equal between --batch-size 16 and 1 in bf16, 6 of 6 in fp32), and fp32
     batched generation was not slower on a 2-core CPU (small per-token matmuls)."""
     import torch
-
 
     if name != "auto":
         return getattr(torch, name)
@@ -276,49 +269,124 @@ def _adapter_config_problem(adapter_path: str) -> str | None:
 
 
 def load_for_evaluation(cfg: EvalArgs, base_model_flag: str | None):
-    """(model, tokenizer): llama_model.load_for_inference with a choice of dtype.
+    """(model, tokenizer): load_for_inference in the --dtype asked for.
 
     Same checks and messages (an explicit --base-model that differs from the adapter's is an
-    error; the adapter's own tokenizer is used when saved with it)."""
+    error; the adapter's own tokenizer is used when saved with it). An adapter that does not
+    load onto the base is bad input here (ModelLoadError), where verification calls it a failure."""
     from safetensors import SafetensorError
 
-
-    run_cfg = read_run_config(cfg.adapter_path) if cfg.adapter_path else {}
-    trained_on = run_cfg.get("base_model")
-    if base_model_flag and trained_on and not same_base(base_model_flag, trained_on):
-        raise ModelLoadError(f"the adapter in {cfg.adapter_path} was trained on {trained_on!r}, "
-                             f"not {base_model_flag!r}; drop --base-model to use {trained_on!r}")
-    name = resolve_base_model(cfg.model_size, cfg.base_model)
     try:
-        if cfg.adapter_path and (Path(cfg.adapter_path) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(cfg.adapter_path))
-            if tok.pad_token_id is None:  # as llama_model.load_tokenizer: masked, never trained on
-                tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-        else:
-            tok = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
-        model = load_model(name, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
-                           trust_remote_code=cfg.trust_remote_code, dtype=eval_dtype(cfg.dtype))
-        if cfg.adapter_path:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, cfg.adapter_path, is_trainable=False)
+        model, tok, _ = load_for_inference(
+            adapter_path=cfg.adapter_path, base_model=base_model_flag, model_size=cfg.model_size,
+            use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
+            trust_remote_code=cfg.trust_remote_code, dtype=eval_dtype(cfg.dtype))
     except ModelLoadError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
         # e.g. peft's "size mismatch for ...lora_A.weight": an adapter made for another
         # architecture under the same name; or adapter weights damaged after the header check.
+        name = resolve_base_model(cfg.model_size, cfg.base_model)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ModelLoadError(f"could not load {cfg.adapter_path or name} onto {name!r}: {first}") from None
-    model.eval()
-    model.config.use_cache = True
+        raise ModelLoadError(f"could not load {cfg.adapter_path or name} onto {name!r}: "
+                             f"{first}") from None
     return model, tok
 
 
-def _evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *, label: str):
-    """Generate and score one model (tuned or base) on the selected examples."""
+@dataclass
+class EvalData:
+    """The --dataset as read, and the examples this run evaluates (in evaluation order)."""
 
+    examples: list[Any]
+    skipped_invalid: int
+    selected: list[Any]
+    file_sha256: str
+    same_file_as_training: bool
+
+
+@dataclass
+class PassResult:
+    """One model (tuned or base) generated and scored on the selected examples."""
+
+    generations: list[Generation]
+    rows: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    stats: dict[str, Any]  # generate()'s generated_tokens, seconds, tokens_per_second
+    ppl_seconds: float
+
+
+def check_adapter(cfg: EvalArgs) -> tuple[RunConfig, str | None]:
+    """(the adapter's run config, sha256 of its weights); an empty RunConfig and None without
+    --adapter-path. Missing or damaged weights are refused before anything is loaded."""
+    if not cfg.adapter_path:
+        logger.info("no --adapter-path: evaluating the base model alone")
+        return RunConfig(), None
+    recorded = read_run_config(cfg.adapter_path)
+    weights = Path(cfg.adapter_path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: no {ADAPTER_WEIGHTS} (this "
+                             "toolkit does not unpickle adapter_model.bin files it did not "
+                             "write); save the adapter with safe_serialization=True")
+    problem = safetensors_problem(weights) or _adapter_config_problem(cfg.adapter_path)
+    if problem:
+        raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: {problem}; point it at an "
+                             "intact final_model/ or checkpoint-*/ folder")
+    adapter_sha = sha256_file(weights)
+    if not recorded:
+        logger.warning("%s has no run_config.json: using --base-model/--model-size and "
+                       "--prompt-format as given", cfg.adapter_path)
+    return RunConfig.from_dict(recorded), adapter_sha
+
+
+def resolve_models(cfg: EvalArgs, run: RunConfig) -> tuple[str | None, str]:
+    """(the --base-model the user gave, or None; the base model name the results record).
+    Fills cfg from the run config, so cfg.base_model is set afterwards."""
+    base_model_flag = cfg.base_model if "base_model" in explicit_fields(cfg) else None
+    inherit_run_config(cfg, run)
+    base_name = resolve_base_model(cfg.model_size, cfg.base_model)
+    if cfg.base_model is None:
+        cfg.base_model = base_name
+    return base_model_flag, base_name
+
+
+def load_eval_data(cfg: EvalArgs, run: RunConfig, *, base_name: str,
+                   adapter_sha: str | None) -> EvalData:
+    """Read and validate --dataset, pick the first --num-samples in evaluation order, and
+    refuse an --output that holds another evaluation (still before the model loads)."""
+    examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
+                                             skip_invalid=cfg.skip_invalid, what="--dataset")
+    ordered = evaluation_order(examples)
+    selected = ordered[: cfg.num_samples] if cfg.num_samples else ordered
+    if cfg.num_samples and cfg.num_samples > len(ordered):
+        logger.info("--num-samples %d > %d examples: evaluating all", cfg.num_samples, len(ordered))
+    dataset_sha = file_sha256(cfg.dataset)
+    check_earlier_results(cfg, base_model=base_name, adapter_sha=adapter_sha,
+                          dataset_sha=dataset_sha)
+    trained_sha = (run.dataset or {}).get("file_sha256")
+    same_file = bool(trained_sha and trained_sha == dataset_sha)
+    if same_file:
+        logger.warning("--dataset %s is the file the adapter was trained on: these metrics are "
+                       "not a held-out evaluation", cfg.dataset)
+    return EvalData(examples=examples, skipped_invalid=load_stats.skipped_invalid,
+                    selected=selected, file_sha256=dataset_sha, same_file_as_training=same_file)
+
+
+def prepare_inputs(tok, cfg: EvalArgs, selected: Sequence[Any]):
+    """(prompt format, rendered prompts, tokenized examples by content hash) for `selected`."""
+    fmt = resolve_prompt_format(tok, cfg.prompt_format)
+    prompts = [render_prompt(tok, fmt, ex.instruction, ex.context) for ex in selected]
+    features = tokenize_examples(selected, tok, max_length=cfg.max_length, prompt_format=fmt)
+    features_by_hash = {f["content_hash"]: f for f in features}
+    wanted = len({ex.content_hash for ex in selected})
+    if len(features_by_hash) < wanted:
+        logger.warning("%d example(s) have no room for the response within --max-length %d: no "
+                       "perplexity for them", wanted - len(features_by_hash), cfg.max_length)
+    return fmt, prompts, features_by_hash
+
+
+def evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *,
+                  label: str) -> PassResult:
+    """Generate and score one model (tuned or base) on the selected examples."""
     gen_stats: dict[str, Any] = {}
     logger.info("%s: generating %d responses (batch %d, up to %d new tokens)", label,
                 len(prompts), cfg.batch_size, cfg.max_new_tokens)
@@ -329,13 +397,26 @@ def _evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *, labe
     t0 = time.perf_counter()
     hashes = list(features_by_hash)
     nll = response_nll(model, tok, [features_by_hash[h] for h in hashes], batch_size=cfg.batch_size)
-    nll_by_hash = dict(zip(hashes, nll))
     ppl_seconds = time.perf_counter() - t0
-    return generations, nll_by_hash, gen_stats, ppl_seconds
+    rows = _score_rows(selected, generations, dict(zip(hashes, nll)), cfg.answer_regex)
+    return PassResult(generations=generations, rows=rows, metrics=aggregate(rows, by="category"),
+                      stats=gen_stats, ppl_seconds=ppl_seconds)
+
+
+def evaluate_models(model, tok, prompts, features_by_hash, selected,
+                    cfg: EvalArgs) -> tuple[PassResult, PassResult | None]:
+    """The tuned model's pass, and with --compare-base the base model's (adapter disabled)."""
+    tuned = evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg,
+                          label="tuned" if cfg.adapter_path else "base")
+    base = None
+    if cfg.compare_base:
+        with model.disable_adapter():
+            base = evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg,
+                                 label="base")
+    return tuned, base
 
 
 def _score_rows(selected, generations, nll_by_hash, answer_regex):
-
     rows = []
     for ex, gen in zip(selected, generations):
         nll, count = nll_by_hash.get(ex.content_hash, (None, 0))
@@ -358,163 +439,141 @@ def _round(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
-def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
-    """Evaluate; write the results JSON and samples JSONL; return the results (with paths)."""
+def _response_perplexity(row: dict[str, Any]) -> float | None:
+    if not row["response_tokens"]:
+        return None
+    return perplexity(row["response_nll"] / row["response_tokens"])
 
-    t_start = time.perf_counter()
-    check_eval_config(cfg)
-    run_cfg: dict[str, Any] = {}
-    adapter_sha = None
-    if cfg.adapter_path:
-        run_cfg = read_run_config(cfg.adapter_path)
-        weights = Path(cfg.adapter_path) / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: no {ADAPTER_WEIGHTS} (this "
-                                 "toolkit does not unpickle adapter_model.bin files it did not "
-                                 "write); save the adapter with safe_serialization=True")
-        problem = safetensors_problem(weights) or _adapter_config_problem(cfg.adapter_path)
-        if problem:
-            raise ModelLoadError(f"--adapter-path {cfg.adapter_path}: {problem}; point it at an "
-                                 "intact final_model/ or checkpoint-*/ folder")
-        adapter_sha = sha256_file(weights)
-        if not run_cfg:
-            logger.warning("%s has no run_config.json: using --base-model/--model-size and "
-                           "--prompt-format as given", cfg.adapter_path)
-    else:
-        logger.info("no --adapter-path: evaluating the base model alone")
-    base_model_flag = cfg.base_model if "base_model" in explicit_fields(cfg) else None
-    inherit_run_config(cfg, run_cfg)
-    base_name = resolve_base_model(cfg.model_size, cfg.base_model)
-    if cfg.base_model is None:
-        cfg.base_model = base_name
 
-    examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
-                                             skip_invalid=cfg.skip_invalid, what="--dataset")
-    ordered = evaluation_order(examples)
-    selected = ordered[: cfg.num_samples] if cfg.num_samples else ordered
-    if cfg.num_samples and cfg.num_samples > len(ordered):
-        logger.info("--num-samples %d > %d examples: evaluating all", cfg.num_samples, len(ordered))
-    dataset_sha = file_sha256(cfg.dataset)
-    check_earlier_results(cfg, base_model=base_name, adapter_sha=adapter_sha,
-                          dataset_sha=dataset_sha)
-    trained_sha = (run_cfg.get("dataset") or {}).get("file_sha256")
-    if trained_sha and trained_sha == dataset_sha:
-        logger.warning("--dataset %s is the file the adapter was trained on: these metrics are "
-                       "not a held-out evaluation", cfg.dataset)
-
-    t0 = time.perf_counter()
-    model, tok = load_for_evaluation(cfg, base_model_flag)
-    load_seconds = time.perf_counter() - t0
-    fmt = resolve_prompt_format(tok, cfg.prompt_format)
-    prompts = [render_prompt(tok, fmt, ex.instruction, ex.context) for ex in selected]
-    features = tokenize_examples(selected, tok, max_length=cfg.max_length, prompt_format=fmt)
-    features_by_hash = {f["content_hash"]: f for f in features}
-    if len(features_by_hash) < len({ex.content_hash for ex in selected}):
-        logger.warning("%d example(s) have no room for the response within --max-length %d: no "
-                       "perplexity for them", len({ex.content_hash for ex in selected})
-                       - len(features_by_hash), cfg.max_length)
-
-    generations, nll, gen_stats, ppl_seconds = _evaluate_pass(
-        model, tok, prompts, features_by_hash, selected, cfg,
-        label="tuned" if cfg.adapter_path else "base")
-    rows = _score_rows(selected, generations, nll, cfg.answer_regex)
-    metrics = aggregate(rows, by="category")
-
-    base = None
-    if cfg.compare_base:
-        with model.disable_adapter():
-            base_gens, base_nll, base_stats, base_ppl_seconds = _evaluate_pass(
-                model, tok, prompts, features_by_hash, selected, cfg, label="base")
-        base_rows = _score_rows(selected, base_gens, base_nll, cfg.answer_regex)
-        base = {"rows": base_rows, "gens": base_gens, "metrics": aggregate(base_rows, by="category"),
-                "stats": base_stats, "ppl_seconds": base_ppl_seconds}
-
-    output = Path(cfg.output)
-    samples_path = Path(cfg.samples_output) if cfg.samples_output else output.with_name(
-        f"{output.stem}_samples.jsonl")
-    sample_lines = []
-    for i, (ex, prompt, gen, row) in enumerate(zip(selected, prompts, generations, rows)):
+def sample_lines(cfg: EvalArgs, selected, prompts, tuned: PassResult,
+                 base: PassResult | None) -> list[str]:
+    """One JSON line per evaluated example for the samples file."""
+    lines = []
+    for i, (ex, prompt, gen, row) in enumerate(zip(selected, prompts, tuned.generations,
+                                                   tuned.rows)):
         record: dict[str, Any] = {
             "index": i, "id": ex.id, "category": ex.category, "prompt": prompt,
             "reference": ex.response, "generation": gen.text, "new_tokens": gen.new_tokens,
             "ended_with_eos": gen.ended_with_eos, "metrics": row["metrics"],
             "response_tokens": row["response_tokens"],
-            "response_perplexity": (perplexity(row["response_nll"] / row["response_tokens"])
-                                    if row["response_tokens"] else None),
+            "response_perplexity": _response_perplexity(row),
         }
         if cfg.answer_regex:
             record["answer"] = extract_answer(gen.text, cfg.answer_regex)
             record["reference_answer"] = extract_answer(ex.response, cfg.answer_regex)
         if base is not None:
-            brow, bgen = base["rows"][i], base["gens"][i]
+            brow, bgen = base.rows[i], base.generations[i]
             record.update(base_generation=bgen.text, base_new_tokens=bgen.new_tokens,
                           base_ended_with_eos=bgen.ended_with_eos, base_metrics=brow["metrics"],
-                          base_response_perplexity=(
-                              perplexity(brow["response_nll"] / brow["response_tokens"])
-                              if brow["response_tokens"] else None))
+                          base_response_perplexity=_response_perplexity(brow))
             if cfg.answer_regex:
                 record["base_answer"] = extract_answer(bgen.text, cfg.answer_regex)
-        sample_lines.append(json.dumps(_round(record), ensure_ascii=False))
+        lines.append(json.dumps(_round(record), ensure_ascii=False))
+    return lines
 
-    total_seconds = time.perf_counter() - t_start
-    gen_seconds = gen_stats.get("seconds", 0.0)
+
+def adapter_summary(adapter_path: str | None) -> dict[str, Any] | None:
+    """The LoRA settings from adapter_config.json (None without an adapter or when unreadable)."""
+    if not adapter_path:
+        return None
+    try:
+        raw = json.loads((Path(adapter_path) / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    summary = {k: raw.get(k) for k in ("peft_type", "r", "lora_alpha", "lora_dropout",
+                                       "target_modules")}
+    if isinstance(summary["target_modules"], list):
+        summary["target_modules"] = sorted(summary["target_modules"])
+    return summary
+
+
+def model_info(cfg: EvalArgs, model, run: RunConfig, *, base_name: str,
+               adapter_sha: str | None) -> dict[str, Any]:
     param = next(model.parameters())
-    adapter_cfg = {}
-    if cfg.adapter_path:
-        try:
-            raw = json.loads((Path(cfg.adapter_path) / "adapter_config.json").read_text())
-            adapter_cfg = {k: raw.get(k) for k in ("peft_type", "r", "lora_alpha", "lora_dropout",
-                                                   "target_modules")}
-            if isinstance(adapter_cfg["target_modules"], list):
-                adapter_cfg["target_modules"] = sorted(adapter_cfg["target_modules"])
-        except (OSError, ValueError):
-            pass
+    return {
+        "base_model": base_name, "model_size": cfg.model_size,
+        "adapter_path": cfg.adapter_path, "adapter_sha256": adapter_sha,
+        "adapter_config": adapter_summary(cfg.adapter_path),
+        "trained_base_model": run.base_model,
+        "trained_quantization": run.quantization,
+        "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,
+        "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
+    }
+
+
+def dataset_info(cfg: EvalArgs, data: EvalData) -> dict[str, Any]:
+    return {
+        "path": cfg.dataset, "file_sha256": data.file_sha256,
+        "dataset_hash": dataset_hash(data.examples),
+        "evaluated_hash": dataset_hash(data.selected),
+        "examples_in_file": len(data.examples), "examples_evaluated": len(data.selected),
+        "skipped_invalid": data.skipped_invalid,
+        "categories": dict(sorted(Counter(ex.category for ex in data.selected).items())),
+        "same_file_as_training": data.same_file_as_training,
+        "order": "round-robin over categories, each in content-hash order",
+    }
+
+
+def assemble_results(cfg: EvalArgs, *, model: dict[str, Any], dataset: dict[str, Any],
+                     prompt_format: str, tuned: PassResult, base: PassResult | None,
+                     t_start: float, load_seconds: float) -> dict[str, Any]:
+    """The results JSON (rounded), as written to --output."""
+    gen_seconds = tuned.stats.get("seconds", 0.0)
     result: dict[str, Any] = {
         "stage": "evaluate",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {k: v for k, v in config_to_dict(cfg).items() if k not in UNUSED_FIELDS},
-        "model": {
-            "base_model": base_name, "model_size": cfg.model_size,
-            "adapter_path": cfg.adapter_path, "adapter_sha256": adapter_sha,
-            "adapter_config": adapter_cfg or None,
-            "trained_base_model": run_cfg.get("base_model"),
-            "trained_quantization": run_cfg.get("quantization"),
-            "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,
-            "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
-        },
-        "dataset": {
-            "path": cfg.dataset, "file_sha256": dataset_sha,
-            "dataset_hash": dataset_hash(examples),
-            "evaluated_hash": dataset_hash(selected),
-            "examples_in_file": len(examples), "examples_evaluated": len(selected),
-            "skipped_invalid": load_stats.skipped_invalid,
-            "categories": dict(sorted(Counter(ex.category for ex in selected).items())),
-            "same_file_as_training": bool(trained_sha and trained_sha == dataset_sha),
-            "order": "round-robin over categories, each in content-hash order",
-        },
-        "prompt_format": fmt,
-        "metrics": metrics,
+        "model": model,
+        "dataset": dataset,
+        "prompt_format": prompt_format,
+        "metrics": tuned.metrics,
         "timing": {
-            "total_seconds": total_seconds, "load_seconds": load_seconds,
+            "total_seconds": time.perf_counter() - t_start, "load_seconds": load_seconds,
             "generation_seconds": gen_seconds,
-            "generated_tokens": gen_stats.get("generated_tokens", 0),
-            "tokens_per_second": gen_stats.get("tokens_per_second", 0.0),
-            "examples_per_second": len(selected) / gen_seconds if gen_seconds else None,
-            "perplexity_seconds": ppl_seconds,
+            "generated_tokens": tuned.stats.get("generated_tokens", 0),
+            "tokens_per_second": tuned.stats.get("tokens_per_second", 0.0),
+            "examples_per_second": len(tuned.rows) / gen_seconds if gen_seconds else None,
+            "perplexity_seconds": tuned.ppl_seconds,
         },
-        "outputs": {"results": str(output), "samples": str(samples_path)},
-        "library_versions": library_versions(),
+        "outputs": {"results": str(Path(cfg.output)), "samples": str(samples_path_for(cfg))},
+        "library_versions": library_versions(CORE_LIBRARIES + ("rouge-score", "sacrebleu")),
     }
     if base is not None:
-        result["base_metrics"] = base["metrics"]
-        result["deltas"] = deltas(metrics, base["metrics"])
-        result["timing"].update(base_generation_seconds=base["stats"].get("seconds", 0.0),
-                                base_perplexity_seconds=base["ppl_seconds"],
+        result["base_metrics"] = base.metrics
+        result["deltas"] = deltas(tuned.metrics, base.metrics)
+        result["timing"].update(base_generation_seconds=base.stats.get("seconds", 0.0),
+                                base_perplexity_seconds=base.ppl_seconds,
                                 total_seconds=time.perf_counter() - t_start)
-    result = _round(result)
-    write_text_atomic(samples_path, "".join(line + "\n" for line in sample_lines))
+    return _round(result)
+
+
+def write_outputs(cfg: EvalArgs, result: dict[str, Any], samples: Sequence[str]) -> None:
+    output, samples_path = Path(cfg.output), samples_path_for(cfg)
+    write_text_atomic(samples_path, "".join(line + "\n" for line in samples))
     write_text_atomic(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     logger.info("wrote %s and %s", output, samples_path)
+
+
+def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
+    """Evaluate; write the results JSON and samples JSONL; return the results (with paths)."""
+    t_start = time.perf_counter()
+    check_eval_config(cfg)
+    run, adapter_sha = check_adapter(cfg)
+    base_model_flag, base_name = resolve_models(cfg, run)
+    data = load_eval_data(cfg, run, base_name=base_name, adapter_sha=adapter_sha)
+
+    t0 = time.perf_counter()
+    model, tok = load_for_evaluation(cfg, base_model_flag)
+    load_seconds = time.perf_counter() - t0
+    fmt, prompts, features_by_hash = prepare_inputs(tok, cfg, data.selected)
+    tuned, base = evaluate_models(model, tok, prompts, features_by_hash, data.selected, cfg)
+
+    samples = sample_lines(cfg, data.selected, prompts, tuned, base)
+    result = assemble_results(
+        cfg, model=model_info(cfg, model, run, base_name=base_name, adapter_sha=adapter_sha),
+        dataset=dataset_info(cfg, data), prompt_format=fmt, tuned=tuned, base=base,
+        t_start=t_start, load_seconds=load_seconds)
+    write_outputs(cfg, result, samples)
     return result
 
 

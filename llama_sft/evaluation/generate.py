@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""Batched generation shared by the pilot, the training-time sample prompts, evaluation and
+package verification.
+
+Prompts come rendered as in training (llama_sft.data.prompts.render_prompt); they are sorted by
+length, left-padded and generated in batches with the KV cache; greedy by default. Output order
+matches input order. No command of its own: llama_evaluate.py and llama_pilot.py call it.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,49 @@ from typing import Any, Sequence
 logger = logging.getLogger("llama_sft")
 
 
-
 @dataclass
 class Generation:
     text: str
     new_tokens: int
     ended_with_eos: bool
+
+
+def _generation_kwargs(*, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                       pad: int, eos: int) -> dict[str, Any]:
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        # Greedy: no sampling knobs, so generation_config defaults (e.g. temperature) don't warn.
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    return gen_kwargs
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, eos: int, device,
+                    gen_kwargs: dict[str, Any]) -> list[Generation]:
+    """Left-pad one batch of prompt token ids, generate, and decode each row up to its EOS."""
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, prompt_ids in enumerate(batch):
+        n = len(prompt_ids)
+        ids[row, width - n:] = torch.tensor(prompt_ids)
+        mask[row, width - n:] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+    generations = []
+    for toks in out[:, width:].tolist():
+        ended = eos in toks
+        if ended:
+            toks = toks[: toks.index(eos)]
+        else:
+            while toks and toks[-1] == pad:
+                toks = toks[:-1]
+        generations.append(Generation(text=tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                                      new_tokens=len(toks) + int(ended), ended_with_eos=ended))
+    return generations
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
@@ -30,6 +73,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    # Longest first: prompts of similar length share a batch, so little padding is generated.
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
     results: list[Generation | None] = [None] * len(enc)
     device = next(model.parameters()).device
@@ -42,39 +86,19 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         bar = tqdm(total=len(enc), desc="generating", unit="ex", dynamic_ncols=True)
     generated_tokens = 0
     t0 = time.perf_counter()
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    gen_kwargs = _generation_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_p=top_p, pad=pad, eos=eos)
     if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p)
         torch.manual_seed(seed)
-    else:
-        # Greedy: no sampling knobs, so generation_config defaults (e.g. temperature) don't warn.
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     try:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                width = max(len(enc[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    n = len(enc[i])
-                    ids[row, width - n:] = torch.tensor(enc[i])
-                    mask[row, width - n:] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     **gen_kwargs)
-                new = out[:, width:].tolist()
-                for row, i in enumerate(idx):
-                    toks = new[row]
-                    ended = eos in toks
-                    if ended:
-                        toks = toks[: toks.index(eos)]
-                    else:
-                        while toks and toks[-1] == pad:
-                            toks = toks[:-1]
-                    generated_tokens += len(toks) + int(ended)
-                    results[i] = Generation(text=tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                                            new_tokens=len(toks) + int(ended), ended_with_eos=ended)
+                batch = _generate_batch(model, tokenizer, [enc[i] for i in idx], pad=pad, eos=eos,
+                                        device=device, gen_kwargs=gen_kwargs)
+                for i, gen in zip(idx, batch):
+                    results[i] = gen
+                    generated_tokens += gen.new_tokens
                 if bar is not None:
                     bar.update(len(idx))
                     bar.set_postfix(tok_s=f"{generated_tokens / (time.perf_counter() - t0):.1f}")

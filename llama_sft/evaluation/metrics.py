@@ -1,4 +1,48 @@
-"""TODO docstring"""
+"""Per-example metrics for generated answers, and their aggregation overall and per category.
+
+Used by llama_evaluate.py (through llama_sft.evaluation.evaluate) and the pilot. The API is
+two functions:
+
+    from llama_sft.evaluation.metrics import score_example, aggregate
+
+    row = score_example("The answer is 29.\\n#### 29", "...\\n#### 29",
+                        answer_regex=r"####\\s*(-?[\\d,.]+)")
+    # -> {'exact_match': 0.0, 'token_f1': ..., 'rouge_l': ..., 'bleu': ...,
+    #     'answer_exact_match': 1.0, 'json_field_accuracy': None, 'json_valid': None}
+
+    rows = [{**row, "category": "math", "new_tokens": 12, "ended_with_eos": True,
+             "prediction": pred, "reference": ref}, ...]
+    summary = aggregate(rows, by="category")
+    # -> {'overall': {'n': 50, 'exact_match': 0.42, ..., 'avg_new_tokens': 23.1,
+    #                 'eos_rate': 0.96, 'corpus_bleu': 0.31},
+    #     'by_category': {'math': {...}, 'closed_qa': {...}}}
+
+Metrics (every value is in [0, 1]; None means "does not apply to this example"):
+
+- exact_match: SQuAD normalisation on both sides (lowercase, drop punctuation, drop the
+  articles a/an/the, collapse whitespace), then string equality.
+- token_f1: SQuAD token F1 on the normalised words (bag-of-words overlap).
+- rouge_l: ROUGE-L F-measure from `rouge_score` (its default tokenizer: lowercase, runs of
+  [a-z0-9]; no stemming, as in HF `evaluate`'s default).
+- bleu: sacrebleu sentence BLEU (13a tokenizer, exp smoothing, effective order) / 100.
+  `aggregate` adds corpus_bleu (sacrebleu corpus BLEU / 100) when rows carry
+  `prediction` and `reference`.
+- answer_exact_match (only with an answer regex, and only when the reference matches it): the
+  regex's first capture group (or whole match) from the first match in each text, compared
+  after number normalisation: commas, a leading '$' and a trailing '.' dropped, then numeric
+  equality ("1,234.50" == "1234.5"); non-numbers compare as normalised text. A prediction with
+  no match scores 0.
+- json_field_accuracy (only when the reference is a JSON object): the share of the reference's
+  keys whose value the prediction's JSON object has equal (strings compared after stripping
+  surrounding whitespace, numbers by value, booleans only with booleans). 0 when the
+  prediction holds no JSON object. Code fences and text around one {...} object are tolerated.
+- json_valid (only when the reference is a JSON object): 1 when a JSON object could be read
+  from the prediction.
+
+Aggregation takes the mean of each metric over the rows where it applies; a row's optional
+`new_tokens`, `ended_with_eos`, `response_nll` (summed token NLL, nats) and `response_tokens`
+give avg_new_tokens, eos_rate, response_loss and perplexity (exp of total NLL / total tokens).
+"""
 
 from __future__ import annotations
 

@@ -244,8 +244,9 @@ def same_base(a: str, b: str) -> bool:
 def load_for_inference(*, adapter_path: str | None = None, base_model: str | None = None,
                        model_size: str | None = None, use_4bit: bool = False,
                        use_8bit: bool = False, trust_remote_code: bool = False,
-                       allow_base_mismatch: bool = False):
-    """(model, tokenizer, run_config) for generation: the base model with the adapter on top.
+                       allow_base_mismatch: bool = False, dtype=None):
+    """(model, tokenizer, run_config) for generation: the base model with the adapter on top,
+    in `dtype` (None: the device's best, as in training).
 
     The base model and prompt format come from the adapter's run_config.json unless given;
     an explicit --base-model that differs from the one the adapter was trained on is an error
@@ -265,7 +266,7 @@ def load_for_inference(*, adapter_path: str | None = None, base_model: str | Non
     else:
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     model = load_model(name, use_4bit=use_4bit, use_8bit=use_8bit,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, dtype=dtype)
     if adapter_path:
         from peft import PeftModel
 

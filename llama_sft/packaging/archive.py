@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The archive format of a package: a reproducible .tar.gz of one folder, SHA256SUMS written
+and read, and the member check that refuses anything unsafe to extract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The model card (README.md of a package): what the adapter is, how to load it and prompt it
+exactly as it was trained, its evaluation, and how to check its files."""
 
 from __future__ import annotations
 
@@ -60,14 +61,22 @@ def _metric_table(results: dict[str, Any]) -> list[str]:
 
 def build_model_card(*, name: str, meta: dict[str, Any], tokenizer, prompt_format: str,
                      members: Sequence[str], eval_results: dict[str, Any] | None) -> str:
-
-    base = meta["base_model"]
-    embedded = is_embedded(base)
-    base_line = ('"/path/to/smollm2-135m-instruct"  # the embedded model: `python3 '
-                 'llama_model.py` prints its folder' if embedded else json.dumps(base))
+    """README.md from the package's metadata (allow-listed already), in Markdown."""
     rendered = render_prompt(tokenizer, prompt_format, *CARD_EXAMPLE)
-    lora = meta["lora"]
-    lines = [
+    lines = _summary_lines(name, meta, prompt_format)
+    lines += _usage_lines(name, meta["base_model"], prompt_format)
+    lines += _prompt_format_lines(rendered, prompt_format)
+    if eval_results:
+        lines += _evaluation_lines(meta, eval_results)
+    if meta.get("merge"):
+        lines += _merge_lines(meta["merge"])
+    lines += _files_lines(name, meta, members)
+    return "\n".join(lines)
+
+
+def _summary_lines(name: str, meta: dict[str, Any], prompt_format: str) -> list[str]:
+    base, lora = meta["base_model"], meta["lora"]
+    return [
         f"# {name}",
         "",
         f"A LoRA adapter for `{base}`" + (f" ({meta['model_size']})" if meta.get("model_size") else "")
@@ -81,6 +90,15 @@ def build_model_card(*, name: str, meta: dict[str, Any], tokenizer, prompt_forma
         f"- Dataset: {meta['dataset'].get('name')} (dataset hash {meta['dataset'].get('dataset_hash')})",
         f"- trust_remote_code: {str(meta['trust_remote_code']).lower()}",
         "",
+    ]
+
+
+def _usage_lines(name: str, base: str, prompt_format: str) -> list[str]:
+    # The embedded model lives in each user's cache, so the card names the command that prints
+    # its folder rather than a path from the packaging machine.
+    base_line = ('"/path/to/smollm2-135m-instruct"  # the embedded model: `python3 '
+                 'llama_model.py` prints its folder' if is_embedded(base) else json.dumps(base))
+    return [
         "## Usage",
         "",
         "Load the base model, put the adapter on top (optionally merge it), and generate. Install "
@@ -110,6 +128,11 @@ def build_model_card(*, name: str, meta: dict[str, Any], tokenizer, prompt_forma
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
+    ]
+
+
+def _prompt_format_lines(rendered: str, prompt_format: str) -> list[str]:
+    return [
         "## Prompt format",
         "",
         f"The adapter was trained on `{prompt_format}` prompts and answers well only in that exact "
@@ -126,33 +149,37 @@ def build_model_card(*, name: str, meta: dict[str, Any], tokenizer, prompt_forma
         "```",
         "",
     ]
-    if eval_results:
-        ds = (meta.get("evaluation") or {}).get("dataset") or {}
-        lines += ["## Evaluation", "",
-                  f"Greedy decoding on {ds.get('examples_evaluated', '?')} examples of "
-                  f"`{ds.get('name')}` (full results in `{EVAL_RESULTS}`). EM: exact match; F1: token "
-                  "F1; JSON fields: share of reference JSON keys matched; Answer: exact match of "
-                  "the extracted final answer; Perplexity: on the reference responses.", ""]
-        lines += _metric_table(eval_results)
-        lines.append("")
-    if meta.get("merge"):
-        m = meta["merge"]
-        lines += ["## Merged model", "",
-                  f"`{m['folder']}/` (beside the archive) holds the adapter merged into the "
-                  f"{m['dtype']} weights of `{m['base_model']}`; load it with "
-                  "`AutoModelForCausalLM.from_pretrained` alone, without peft."]
-        if m.get("trained_quantization"):
-            lines.append(f"The adapter was trained on a {m['trained_quantization']} quantized base "
-                         "(QLoRA) but merged into the unquantized base weights, so the merged "
-                         "model's outputs can differ slightly from adapter-on-quantized-base.")
-        lines.append("")
-    lines += ["## Files and verification", "",
-              "| File | sha256 |", "|---|---|"]
+
+
+def _evaluation_lines(meta: dict[str, Any], eval_results: dict[str, Any]) -> list[str]:
+    ds = (meta.get("evaluation") or {}).get("dataset") or {}
+    lines = ["## Evaluation", "",
+             f"Greedy decoding on {ds.get('examples_evaluated', '?')} examples of "
+             f"`{ds.get('name')}` (full results in `{EVAL_RESULTS}`). EM: exact match; F1: token "
+             "F1; JSON fields: share of reference JSON keys matched; Answer: exact match of "
+             "the extracted final answer; Perplexity: on the reference responses.", ""]
+    return lines + _metric_table(eval_results) + [""]
+
+
+def _merge_lines(merge: dict[str, Any]) -> list[str]:
+    lines = ["## Merged model", "",
+             f"`{merge['folder']}/` (beside the archive) holds the adapter merged into the "
+             f"{merge['dtype']} weights of `{merge['base_model']}`; load it with "
+             "`AutoModelForCausalLM.from_pretrained` alone, without peft."]
+    if merge.get("trained_quantization"):
+        lines.append(f"The adapter was trained on a {merge['trained_quantization']} quantized base "
+                     "(QLoRA) but merged into the unquantized base weights, so the merged "
+                     "model's outputs can differ slightly from adapter-on-quantized-base.")
+    return lines + [""]
+
+
+def _files_lines(name: str, meta: dict[str, Any], members: Sequence[str]) -> list[str]:
+    lines = ["## Files and verification", "",
+             "| File | sha256 |", "|---|---|"]
     lines += [f"| `{m}` | `{meta['files'][m][:16]}...` |" for m in members if m in meta["files"]]
-    lines += ["", f"`{SUMS}` lists the sha256 of every file. Check it with "
-              f"`cd {name} && sha256sum -c {SUMS}`, or check everything and test-generate with:", "",
-              "```bash", f"python3 llama_package.py --verify {name}.tar.gz", "```", ""]
-    return "\n".join(lines)
+    return lines + ["", f"`{SUMS}` lists the sha256 of every file. Check it with "
+                    f"`cd {name} && sha256sum -c {SUMS}`, or check everything and test-generate with:", "",
+                    "```bash", f"python3 llama_package.py --verify {name}.tar.gz", "```", ""]
 
 
 def _short_targets(targets: Any) -> str:

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""What a package says about itself: metadata.json from an allow-list of fields, the pinned
+requirements.txt, and the guards that keep home paths and credentials out of every packaged file."""
 
 from __future__ import annotations
 
@@ -6,22 +7,19 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from llama_sft.layout import TRAINING_KEYS
+from llama_sft.layout import TRAINING_KEYS, RunConfig
 from llama_sft.packaging.archive import HEX64
+from llama_sft.versions import library_versions
 
 logger = logging.getLogger("llama_sft")
 
 
-
 PINNED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors")
 
-
 LIBRARY_KEYS = PINNED_PACKAGES + ("python", "datasets", "rouge-score", "sacrebleu")
-
 
 METRIC_KEYS = ("n", "exact_match", "token_f1", "rouge_l", "bleu", "corpus_bleu",
                "answer_exact_match", "json_field_accuracy", "json_valid", "avg_new_tokens",
@@ -32,19 +30,12 @@ METRIC_KEYS = ("n", "exact_match", "token_f1", "rouge_l", "bleu", "corpus_bleu",
 SECRET_ENV_PATTERN = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
 
 
-def installed_versions(names: Iterable[str]) -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in names:
-        if name == "python":
-            out[name] = sys.version.split()[0]
-            continue
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+def versions_of(names: Iterable[str]) -> dict[str, str]:
+    """Installed versions of exactly `names`, in that order (missing ones left out): a package
+    records these keys, and --verify compares them, so Python is only there when asked for."""
+    names = tuple(names)
+    found = library_versions(names)
+    return {name: found[name] for name in names if name in found}
 
 
 def _home() -> str | None:
@@ -94,7 +85,7 @@ def find_secret(paths: Iterable[Path]) -> tuple[Path, str] | None:
     return None
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     base = PurePosixPath(str(text).rstrip("/")).name or "model"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model"
 
@@ -104,7 +95,7 @@ def _scalar(value: Any) -> bool:
         isinstance(value, str) and len(value) <= 64 and "/" not in value and "\\" not in value)
 
 
-def _json(obj: Any) -> str:
+def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
 
 
@@ -135,46 +126,34 @@ def _metrics_summary(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_metadata(*, name: str, created: str, base_model: str, model_size: str | None,
-                   run_cfg: dict[str, Any], adapter_cfg: dict[str, Any],
+                   run_cfg: RunConfig | dict[str, Any], adapter_cfg: dict[str, Any],
                    eval_results: dict[str, Any] | None, trust_remote_code: bool,
                    files: dict[str, str], merge: dict[str, Any] | None,
-                   reference: dict[str, Any] | None) -> dict[str, Any]:
+                   reference: dict[str, Any] | None,
+                   base_model_revision: Any = None) -> dict[str, Any]:
     """Metadata from an allow-list of fields only: nothing from the environment, no paths
     under $HOME, no free-form values from the run config."""
-    training = run_cfg.get("training") or {}
-    dataset = run_cfg.get("dataset") or {}
-    lora_targets = adapter_cfg.get("target_modules")
-    if isinstance(lora_targets, list):
-        lora_targets = sorted(str(t) for t in lora_targets)
-    elif lora_targets is not None:
-        lora_targets = str(lora_targets)
-    trained_libs = run_cfg.get("library_versions") or {}
+    run = run_cfg if isinstance(run_cfg, RunConfig) else RunConfig.from_dict(run_cfg)
+    training = run.training or {}
+    trained_libs = run.library_versions or {}
     version_ok = re.compile(r"^[0-9A-Za-z.+-]{1,40}$")
     meta: dict[str, Any] = {
         "format_version": 1,
         "name": name,
         "created": created,
         "base_model": scrub_paths(base_model),
-        "base_model_revision": run_cfg.get("base_model_revision")
-        if _scalar(run_cfg.get("base_model_revision")) else None,
+        "base_model_revision": base_model_revision if _scalar(base_model_revision) else None,
         "model_size": model_size,
-        "prompt_format": run_cfg.get("prompt_format") if _scalar(run_cfg.get("prompt_format")) else None,
-        "max_length": run_cfg.get("max_length") if isinstance(run_cfg.get("max_length"), int) else None,
-        "quantization": run_cfg.get("quantization") if run_cfg.get("quantization") in ("4bit", "8bit") else None,
-        "trust_remote_code": bool(trust_remote_code or run_cfg.get("trust_remote_code")),
-        "lora": {"peft_type": adapter_cfg.get("peft_type"), "r": adapter_cfg.get("r"),
-                 "alpha": adapter_cfg.get("lora_alpha"), "dropout": adapter_cfg.get("lora_dropout"),
-                 "target_modules": lora_targets, "bias": adapter_cfg.get("bias")},
+        "prompt_format": run.prompt_format if _scalar(run.prompt_format) else None,
+        "max_length": run.max_length if isinstance(run.max_length, int) else None,
+        "quantization": run.quantization if run.quantization in ("4bit", "8bit") else None,
+        "trust_remote_code": bool(trust_remote_code or run.trust_remote_code),
+        "lora": _lora_summary(adapter_cfg),
         "training": {k: training[k] for k in TRAINING_KEYS if k in training and _scalar(training[k])},
-        "dataset": {
-            "name": PurePosixPath(str(dataset["path"])).name if dataset.get("path") else None,
-            "file_sha256": dataset.get("file_sha256") if HEX64.match(str(dataset.get("file_sha256"))) else None,
-            "dataset_hash": dataset.get("dataset_hash")
-            if re.match(r"^[0-9a-f]{8,64}$", str(dataset.get("dataset_hash"))) else None,
-        },
+        "dataset": _dataset_summary(run.dataset or {}),
         "evaluation": _metrics_summary(eval_results) if eval_results else None,
         "library_versions": {
-            "packaged_with": installed_versions(LIBRARY_KEYS),
+            "packaged_with": versions_of(LIBRARY_KEYS),
             "trained_with": {k: str(v) for k, v in trained_libs.items()
                              if k in LIBRARY_KEYS and version_ok.match(str(v))},
         },
@@ -185,8 +164,30 @@ def build_metadata(*, name: str, created: str, base_model: str, model_size: str 
     return meta
 
 
+def _lora_summary(adapter_cfg: dict[str, Any]) -> dict[str, Any]:
+    """From adapter_config.json (what peft will load), not from the run config."""
+    targets = adapter_cfg.get("target_modules")
+    if isinstance(targets, list):
+        targets = sorted(str(t) for t in targets)
+    elif targets is not None:
+        targets = str(targets)
+    return {"peft_type": adapter_cfg.get("peft_type"), "r": adapter_cfg.get("r"),
+            "alpha": adapter_cfg.get("lora_alpha"), "dropout": adapter_cfg.get("lora_dropout"),
+            "target_modules": targets, "bias": adapter_cfg.get("bias")}
+
+
+def _dataset_summary(dataset: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's file name and hashes: its path may sit under $HOME, so only the name leaves."""
+    return {
+        "name": PurePosixPath(str(dataset["path"])).name if dataset.get("path") else None,
+        "file_sha256": dataset.get("file_sha256") if HEX64.match(str(dataset.get("file_sha256"))) else None,
+        "dataset_hash": dataset.get("dataset_hash")
+        if re.match(r"^[0-9a-f]{8,64}$", str(dataset.get("dataset_hash"))) else None,
+    }
+
+
 def requirements_text() -> str:
-    versions = installed_versions(PINNED_PACKAGES)
+    versions = versions_of(PINNED_PACKAGES)
     lines = ["# Library versions this adapter was packaged with (pip install -r requirements.txt).",
              "# torch: install the build for your hardware first (CUDA or CPU) from pytorch.org;",
              "# the local version label (+cpu, +cu124) is dropped here."]

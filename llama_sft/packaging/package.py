@@ -1,4 +1,11 @@
-"""TODO docstring"""
+"""Package a trained LoRA adapter: check the adapter folder, stage its files with a model card,
+metadata and SHA256SUMS, refuse any credential, and write NAME.tar.gz with its side files.
+
+    python3 llama_package.py --adapter-path ./training_output/final_model --output-dir ./packages
+    python3 llama_package.py --verify ./packages/NAME.tar.gz
+
+`run_package` is the stage; verify.py checks a package.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,7 +24,13 @@ from typing import Any
 from llama_sft.config import PackageArgs, get_spec
 from llama_sft.data.prompts import resolve_prompt_format
 from llama_sft.errors import ModelLoadError, PackageError
-from llama_sft.files import output_dir_problem, safetensors_problem, sha256_file
+from llama_sft.files import (
+    MANIFEST,
+    output_dir_problem,
+    safetensors_problem,
+    sha256_file,
+    verify_manifest,
+)
 from llama_sft.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -26,9 +40,10 @@ from llama_sft.layout import (
     RUN_CONFIG,
     SUMS,
     TOKENIZER_FILES,
-    TRAINER_MANIFEST,
+    RunConfig,
 )
 from llama_sft.modeling.load import (
+    ensure_pad_token,
     load_model,
     load_tokenizer,
     read_run_config,
@@ -38,25 +53,41 @@ from llama_sft.modeling.load import (
 from llama_sft.packaging.archive import create_archive, write_sums
 from llama_sft.packaging.card import build_model_card
 from llama_sft.packaging.metadata import (
-    _json,
-    _slug,
     build_metadata,
     find_secret,
+    json_text,
     requirements_text,
     scrub_paths,
+    slug,
 )
 from llama_sft.packaging.verify import reference_generation
 
 logger = logging.getLogger("llama_sft")
 
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+
+
+@dataclass
+class PackageInputs:
+    """Everything `check_inputs` established before anything is written."""
+
+    adapter: Path
+    run_config: dict[str, Any]  # run_config.json as training wrote it ({} when absent)
+    run: RunConfig
+    base_model: str
+    model_size: str | None
+    adapter_sha: str
+    adapter_cfg: dict[str, Any]
+    eval_path: Path | None
+    eval_results: dict[str, Any] | None  # home paths scrubbed
+    name: str
+    outputs: dict[str, Path]  # what goes into --output-dir, by result key
+
 
 def _local_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    return tok
+    return ensure_pad_token(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def check_adapter_folder(adapter: Path) -> dict[str, Any]:
@@ -76,26 +107,21 @@ def check_adapter_folder(adapter: Path) -> dict[str, Any]:
     if problem:
         raise PackageError(f"--adapter-path {adapter}: {problem}; point it at an intact "
                            "final_model/ or checkpoint-*/ folder")
-    manifest = adapter / TRAINER_MANIFEST
-    if manifest.is_file():
-        try:
-            sums = json.loads(manifest.read_text())["files"]
-        except (ValueError, KeyError, TypeError):
-            raise PackageError(f"{manifest}: unreadable manifest") from None
-        for rel, digest in sums.items():
-            p = adapter / rel
-            if p.is_file() and sha256_file(p) != digest:
-                raise PackageError(f"--adapter-path {adapter}: {rel} does not match "
-                                   f"{TRAINER_MANIFEST} (modified or truncated since training)")
+    # Training writes the manifest; an adapter saved by hand has none and is still packaged.
+    if (adapter / MANIFEST).is_file():
+        reason = verify_manifest(adapter)
+        if reason:
+            raise PackageError(f"--adapter-path {adapter}: {reason}, per the {MANIFEST} written "
+                               "at training (modified or truncated since training)")
     if not run_cfg:
         logger.warning("%s has no %s: the package will lack training details", adapter, RUN_CONFIG)
     return run_cfg
 
 
-def resolve_identity(cfg: PackageArgs, run_cfg: dict[str, Any]) -> tuple[str, str | None]:
+def resolve_identity(cfg: PackageArgs, run: RunConfig) -> tuple[str, str | None]:
     """(base model, model size): flags must agree with what the adapter was trained on."""
 
-    trained_base, trained_size = run_cfg.get("base_model"), run_cfg.get("model_size")
+    trained_base, trained_size = run.base_model, run.model_size
     if cfg.base_model and trained_base and not same_base(cfg.base_model, trained_base):
         raise PackageError(f"the adapter in {cfg.adapter_path} was trained on {trained_base!r}, "
                            f"not {cfg.base_model!r}; drop --base-model to use {trained_base!r}")
@@ -164,7 +190,6 @@ def merge_adapter(adapter: Path, base_model: str, dest: Path, *, dtype_name: str
     """Load the base unquantized, apply the adapter, merge_and_unload, save safetensors."""
     from peft import PeftModel
 
-
     dtype = _merge_dtype(dtype_name)
     logger.info("merging the adapter into %s (%s, unquantized)", base_model, dtype)
     model = load_model(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -180,24 +205,15 @@ def merge_adapter(adapter: Path, base_model: str, dest: Path, *, dtype_name: str
     return {"dtype": str(dtype).replace("torch.", "")}
 
 
-def run_package(cfg: PackageArgs) -> dict[str, Any]:
-    """Build the archive and side files; returns what was written and checked."""
-    from safetensors import SafetensorError
-
-
-    if not cfg.adapter_path:
-        raise PackageError("--adapter-path is required (e.g. --adapter-path "
-                           "./training_output/final_model), or use --verify ARCHIVE")
-    adapter = Path(cfg.adapter_path)
-    run_cfg = check_adapter_folder(adapter)
-    base_model, model_size = resolve_identity(cfg, run_cfg)
-    adapter_sha = sha256_file(adapter / ADAPTER_WEIGHTS)
-    adapter_cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    found = find_eval_results(cfg, adapter, adapter_sha)
-    eval_results = scrub_paths(found[1]) if found else None
-    name = cfg.name or f"{_slug(base_model)}-lora-{adapter_sha[:8]}"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+def package_name(cfg: PackageArgs, base_model: str, adapter_sha: str) -> str:
+    name = cfg.name or f"{slug(base_model)}-lora-{adapter_sha[:8]}"
+    if not re.fullmatch(NAME_PATTERN, name):
         raise PackageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def plan_outputs(cfg: PackageArgs, name: str) -> dict[str, Path]:
+    """The files the package will be, refused if any exists and --overwrite is not given."""
     out_dir = Path(cfg.output_dir)
     problem = output_dir_problem("--output-dir", out_dir)
     if problem:
@@ -213,122 +229,205 @@ def run_package(cfg: PackageArgs) -> dict[str, Any]:
     if existing and not cfg.overwrite:
         raise PackageError(f"{existing[0]} already exists: pass --overwrite to replace the "
                            "package, or --name for a new one")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
+    return outputs
+
+
+def check_inputs(cfg: PackageArgs) -> PackageInputs:
+    """Every check that needs no model: the adapter, its identity, evaluation results, names."""
+    if not cfg.adapter_path:
+        raise PackageError("--adapter-path is required (e.g. --adapter-path "
+                           "./training_output/final_model), or use --verify ARCHIVE")
+    adapter = Path(cfg.adapter_path)
+    run_config = check_adapter_folder(adapter)
+    run = RunConfig.from_dict(run_config)
+    base_model, model_size = resolve_identity(cfg, run)
+    adapter_sha = sha256_file(adapter / ADAPTER_WEIGHTS)
+    adapter_cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    found = find_eval_results(cfg, adapter, adapter_sha)
+    name = package_name(cfg, base_model, adapter_sha)
+    return PackageInputs(
+        adapter=adapter, run_config=run_config, run=run, base_model=base_model,
+        model_size=model_size, adapter_sha=adapter_sha, adapter_cfg=adapter_cfg,
+        eval_path=found[0] if found else None,
+        eval_results=scrub_paths(found[1]) if found else None,
+        name=name, outputs=plan_outputs(cfg, name))
+
+
+def _stage_tokenizer(cfg: PackageArgs, inputs: PackageInputs, stage: Path):
+    """The adapter's own tokenizer files, else the base model's tokenizer saved into `stage`."""
+    adapter = inputs.adapter
+    if (adapter / "tokenizer_config.json").is_file():
+        for fname in TOKENIZER_FILES:
+            if (adapter / fname).is_file():
+                shutil.copyfile(adapter / fname, stage / fname)
+        return _local_tokenizer(stage)
+    logger.info("%s has no tokenizer files: saving %s's tokenizer", adapter, inputs.base_model)
+    tokenizer = load_tokenizer(inputs.base_model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer.save_pretrained(stage)
+    for extra in set(p.name for p in stage.iterdir()) - set(TOKENIZER_FILES) - {
+            ADAPTER_WEIGHTS, ADAPTER_CONFIG}:
+        (stage / extra).unlink()
+    return tokenizer
+
+
+def stage_files(cfg: PackageArgs, inputs: PackageInputs, stage: Path):
+    """Copy the adapter, tokenizer, run config and evaluation results into `stage`; returns
+    the tokenizer."""
+    stage.mkdir()
+    for fname in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        shutil.copyfile(inputs.adapter / fname, stage / fname)
+    tokenizer = _stage_tokenizer(cfg, inputs, stage)
+    # The file as training wrote it (home paths scrubbed), unknown keys included: the secret
+    # scan must see everything the run config holds, and a newer toolkit's fields survive.
+    packaged_run_cfg = scrub_paths(inputs.run_config) if inputs.run_config else {
+        "base_model": inputs.base_model, "model_size": inputs.model_size}
+    (stage / RUN_CONFIG).write_text(json_text(packaged_run_cfg), encoding="utf-8")
+    if inputs.eval_results is not None:
+        (stage / EVAL_RESULTS).write_text(json_text(inputs.eval_results), encoding="utf-8")
+    return tokenizer
+
+
+def record_reference(cfg: PackageArgs, inputs: PackageInputs,
+                     prompt_format: str) -> dict[str, Any] | None:
+    """The greedy text --verify compares against; None (with a warning) when the base model
+    cannot be loaded here. An adapter that does not fit its base stops packaging."""
+    from safetensors import SafetensorError
+
     try:
-        stage = staging / name
-        stage.mkdir()
-        for fname in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copyfile(adapter / fname, stage / fname)
-        if (adapter / "tokenizer_config.json").is_file():
-            for fname in TOKENIZER_FILES:
-                if (adapter / fname).is_file():
-                    shutil.copyfile(adapter / fname, stage / fname)
-            tokenizer = _local_tokenizer(stage)
-        else:
-            logger.info("%s has no tokenizer files: saving %s's tokenizer", adapter, base_model)
-            tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
-            tokenizer.save_pretrained(stage)
-            for extra in set(p.name for p in stage.iterdir()) - set(TOKENIZER_FILES) - {
-                    ADAPTER_WEIGHTS, ADAPTER_CONFIG}:
-                (stage / extra).unlink()
-        packaged_run_cfg = scrub_paths(run_cfg) if run_cfg else {
-            "base_model": base_model, "model_size": model_size}
-        (stage / RUN_CONFIG).write_text(_json(packaged_run_cfg), encoding="utf-8")
-        if eval_results is not None:
-            (stage / EVAL_RESULTS).write_text(_json(eval_results), encoding="utf-8")
+        reference = reference_generation(
+            inputs.adapter, inputs.base_model if cfg.base_model else None,
+            trust_remote_code=cfg.trust_remote_code, prompt_format=prompt_format)
+    except ModelLoadError as e:
+        logger.warning("no reference generation recorded (--verify will only check "
+                       "that the adapter loads and generates): %s", e)
+        return None
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
+        # e.g. peft's "size mismatch": an adapter for another architecture
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise PackageError(f"--adapter-path {inputs.adapter} does not load on "
+                           f"{inputs.base_model!r}: {first}; nothing was written") from None
+    logger.info("reference generation: %r", reference["text"])
+    return reference
 
-        prompt_format = resolve_prompt_format(tokenizer, run_cfg.get("prompt_format") or "auto")
 
-        reference = None
-        if cfg.record_generation:
-            try:
-                reference = reference_generation(adapter, base_model if cfg.base_model else None,
-                                                 trust_remote_code=cfg.trust_remote_code,
-                                                 prompt_format=prompt_format)
-                logger.info("reference generation: %r", reference["text"])
-            except ModelLoadError as e:
-                logger.warning("no reference generation recorded (--verify will only check "
-                               "that the adapter loads and generates): %s", e)
-            except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
-                # e.g. peft's "size mismatch": an adapter for another architecture
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise PackageError(f"--adapter-path {adapter} does not load on {base_model!r}: "
-                                   f"{first}; nothing was written") from None
+def stage_merged(cfg: PackageArgs, inputs: PackageInputs, staging: Path,
+                 tokenizer) -> dict[str, Any]:
+    """--merge: the merged model folder in `staging`; returns its metadata entry."""
+    merged_stage = staging / inputs.outputs["merged"].name
+    merged_stage.mkdir()
+    info = merge_adapter(inputs.adapter, inputs.base_model, merged_stage,
+                         dtype_name=cfg.merge_dtype, trust_remote_code=cfg.trust_remote_code,
+                         tokenizer=tokenizer)
+    quantization = inputs.run.quantization
+    merge_info = {
+        "folder": merged_stage.name, "base_model": scrub_paths(inputs.base_model),
+        "dtype": info["dtype"], "base_quantization": None,
+        "trained_quantization": quantization if quantization in ("4bit", "8bit") else None,
+        "files": {p.name: sha256_file(p) for p in sorted(merged_stage.iterdir()) if p.is_file()},
+    }
+    if merge_info["trained_quantization"]:
+        merge_info["note"] = (f"trained on a {merge_info['trained_quantization']} base "
+                              f"(QLoRA); merged into the unquantized {info['dtype']} base")
+    return merge_info
 
-        merge_info = None
-        if cfg.merge:
-            merged_stage = staging / outputs["merged"].name
-            merged_stage.mkdir()
-            info = merge_adapter(adapter, base_model, merged_stage, dtype_name=cfg.merge_dtype,
-                                 trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
-            merge_info = {
-                "folder": merged_stage.name, "base_model": scrub_paths(base_model),
-                "dtype": info["dtype"], "base_quantization": None,
-                "trained_quantization": run_cfg.get("quantization")
-                if run_cfg.get("quantization") in ("4bit", "8bit") else None,
-                "files": {p.name: sha256_file(p) for p in sorted(merged_stage.iterdir()) if p.is_file()},
-            }
-            if merge_info["trained_quantization"]:
-                merge_info["note"] = (f"trained on a {merge_info['trained_quantization']} base "
-                                      f"(QLoRA); merged into the unquantized {info['dtype']} base")
 
+def write_card_and_metadata(cfg: PackageArgs, inputs: PackageInputs, stage: Path, *, tokenizer,
+                            prompt_format: str, merge_info: dict[str, Any] | None,
+                            reference: dict[str, Any] | None, created_ts: int) -> dict[str, str]:
+    """requirements.txt, README.md, metadata.json and SHA256SUMS; returns the sums."""
+    created = datetime.fromtimestamp(created_ts, timezone.utc).isoformat(timespec="seconds")
+    (stage / "requirements.txt").write_text(requirements_text(), encoding="utf-8")
+    # README first (its text is hashed into metadata), metadata next, SHA256SUMS last.
+    content_files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
+    meta = build_metadata(name=inputs.name, created=created, base_model=inputs.base_model,
+                          model_size=inputs.model_size, run_cfg=inputs.run,
+                          adapter_cfg=inputs.adapter_cfg, eval_results=inputs.eval_results,
+                          trust_remote_code=cfg.trust_remote_code, files=content_files,
+                          merge=merge_info, reference=reference,
+                          base_model_revision=inputs.run_config.get("base_model_revision"))
+    members = sorted(content_files) + ["README.md", METADATA, SUMS]
+    card = build_model_card(name=inputs.name, meta=meta, tokenizer=tokenizer,
+                            prompt_format=prompt_format, members=members,
+                            eval_results=inputs.eval_results)
+    (stage / "README.md").write_text(card, encoding="utf-8")
+    meta["files"]["README.md"] = sha256_file(stage / "README.md")
+    (stage / METADATA).write_text(json_text(meta), encoding="utf-8")
+    return write_sums(stage)
+
+
+def refuse_secrets(paths: list[Path]) -> None:
+    leak = find_secret(paths)
+    if leak:
+        raise PackageError(f"{leak[0].name} contains the value of the environment variable "
+                           f"{leak[1]}; nothing was written")
+
+
+def write_archive(inputs: PackageInputs, stage: Path, staging: Path,
+                  created_ts: int) -> tuple[list[str], str]:
+    """The archive, its .sha256 and the readable copies, all in `staging`; returns the archive
+    members and sha256."""
+    outputs = inputs.outputs
+    staged_archive = staging / outputs["archive"].name
+    archive_members = create_archive(stage, staged_archive, mtime=created_ts)
+    leak = find_secret([staged_archive])
+    if leak:
+        raise PackageError(f"the archive contains the value of {leak[1]}; nothing was written")
+    archive_sha = sha256_file(staged_archive)
+    (staging / outputs["archive_sha256_file"].name).write_text(
+        f"{archive_sha}  {outputs['archive'].name}\n", encoding="utf-8")
+    shutil.copyfile(stage / METADATA, staging / outputs["metadata"].name)
+    shutil.copyfile(stage / "README.md", staging / outputs["readme"].name)
+    shutil.copyfile(stage / "requirements.txt", staging / outputs["requirements"].name)
+    return archive_members, archive_sha
+
+
+def move_into_place(staging: Path, outputs: dict[str, Path]) -> None:
+    """Replace each output with its staged version (only --overwrite gets this far with one)."""
+    for final in outputs.values():
+        src = staging / final.name
+        if final.is_dir():
+            logger.warning("overwriting %s", final)
+            shutil.rmtree(final)
+        elif final.exists():
+            logger.warning("overwriting %s", final)
+            final.unlink()
+        os.replace(src, final)
+
+
+def run_package(cfg: PackageArgs) -> dict[str, Any]:
+    """Build the archive and side files; returns what was written and checked."""
+    inputs = check_inputs(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Everything is built in a hidden folder beside the outputs and moved in at the end, so a
+    # failure (a leaked credential, a bad merge) leaves no partial package behind.
+    staging = Path(tempfile.mkdtemp(prefix=f".{inputs.name}-", dir=out_dir))
+    try:
+        stage = staging / inputs.name
+        tokenizer = stage_files(cfg, inputs, stage)
+        prompt_format = resolve_prompt_format(tokenizer, inputs.run.prompt_format or "auto")
+        reference = record_reference(cfg, inputs, prompt_format) if cfg.record_generation else None
+        merge_info = stage_merged(cfg, inputs, staging, tokenizer) if cfg.merge else None
         created_ts = int(time.time())
-        created = datetime.fromtimestamp(created_ts, timezone.utc).isoformat(timespec="seconds")
-        (stage / "requirements.txt").write_text(requirements_text(), encoding="utf-8")
-        # README first (its text is hashed into metadata), metadata next, SHA256SUMS last.
-        content_files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
-        meta = build_metadata(name=name, created=created, base_model=base_model,
-                              model_size=model_size, run_cfg=run_cfg, adapter_cfg=adapter_cfg,
-                              eval_results=eval_results, trust_remote_code=cfg.trust_remote_code,
-                              files=content_files, merge=merge_info, reference=reference)
-        members = sorted(content_files) + ["README.md", METADATA, SUMS]
-        card = build_model_card(name=name, meta=meta, tokenizer=tokenizer,
-                                prompt_format=prompt_format, members=members,
-                                eval_results=eval_results)
-        (stage / "README.md").write_text(card, encoding="utf-8")
-        meta["files"]["README.md"] = sha256_file(stage / "README.md")
-        (stage / METADATA).write_text(_json(meta), encoding="utf-8")
-        sums = write_sums(stage)
-
+        sums = write_card_and_metadata(cfg, inputs, stage, tokenizer=tokenizer,
+                                       prompt_format=prompt_format, merge_info=merge_info,
+                                       reference=reference, created_ts=created_ts)
         written = [p for p in stage.iterdir() if p.is_file()]
         if cfg.merge:
-            written += [p for p in (staging / outputs["merged"].name).iterdir() if p.is_file()]
-        leak = find_secret(written)
-        if leak:
-            raise PackageError(f"{leak[0].name} contains the value of the environment variable "
-                               f"{leak[1]}; nothing was written")
-
-        staged_archive = staging / outputs["archive"].name
-        archive_members = create_archive(stage, staged_archive, mtime=created_ts)
-        leak = find_secret([staged_archive])
-        if leak:
-            raise PackageError(f"the archive contains the value of {leak[1]}; nothing was written")
-        archive_sha = sha256_file(staged_archive)
-        (staging / outputs["archive_sha256_file"].name).write_text(
-            f"{archive_sha}  {outputs['archive'].name}\n", encoding="utf-8")
-        shutil.copyfile(stage / METADATA, staging / outputs["metadata"].name)
-        shutil.copyfile(stage / "README.md", staging / outputs["readme"].name)
-        shutil.copyfile(stage / "requirements.txt", staging / outputs["requirements"].name)
-        for key, final in outputs.items():
-            src = staging / final.name
-            if final.is_dir():
-                logger.warning("overwriting %s", final)
-                shutil.rmtree(final)
-            elif final.exists():
-                logger.warning("overwriting %s", final)
-                final.unlink()
-            os.replace(src, final)
+            written += [p for p in (staging / inputs.outputs["merged"].name).iterdir() if p.is_file()]
+        refuse_secrets(written)
+        archive_members, archive_sha = write_archive(inputs, stage, staging, created_ts)
+        move_into_place(staging, inputs.outputs)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote %s (%d members, sha256 %s)", outputs["archive"], len(archive_members),
-                archive_sha[:16])
-    return {"name": name, "base_model": base_model, "model_size": model_size,
-            "adapter_sha256": adapter_sha, "archive_sha256": archive_sha,
-            "members": archive_members, "sums": sums,
-            "eval_results": str(found[0]) if found else None,
+    logger.info("wrote %s (%d members, sha256 %s)", inputs.outputs["archive"],
+                len(archive_members), archive_sha[:16])
+    return {"name": inputs.name, "base_model": inputs.base_model,
+            "model_size": inputs.model_size, "adapter_sha256": inputs.adapter_sha,
+            "archive_sha256": archive_sha, "members": archive_members, "sums": sums,
+            "eval_results": str(inputs.eval_path) if inputs.eval_path else None,
             "reference_generation": reference, "merge": merge_info,
-            **{k: str(v) for k, v in outputs.items()}}
+            **{k: str(v) for k, v in inputs.outputs.items()}}
 
 
 def format_package_summary(result: dict[str, Any]) -> str:
