@@ -76,17 +76,31 @@ def matmul_peak_flops(dtype_name: str, *, n: int = 2048, iters: int = 10, repeat
     return best
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (VmHWM), in MiB."""
+def _proc_status_mb(key: str) -> float | None:
+    """A kB field of /proc/self/status (VmHWM, VmRSS) in MiB; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MiB."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now (VmRSS), in MiB; NaN where there is no /proc."""
+    rss = _proc_status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def model_shape(model) -> dict[str, Any]:

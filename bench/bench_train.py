@@ -61,6 +61,7 @@ from _common import (  # noqa: E402
     ROOT,
     bench_examples,
     cpu_model_name,
+    current_rss_mb,
     fmt_table,
     matmul_peak_flops,
     model_shape,
@@ -293,16 +294,6 @@ def make_recorder(counter: DecoderCounter, supervised, device: str):
     return StepRecorder()
 
 
-def current_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
 def cpu_busy() -> tuple[float, float]:
     """(CPU seconds this process used, CPU seconds the whole machine was busy) so far: their
     difference over a window is what other processes took from the cores."""
@@ -435,9 +426,8 @@ def run_worker(args) -> dict[str, Any]:
         info["rss_before_train_mb"] = current_rss_mb()
 
     if args.worker in ("ours", "ours_alt"):
-        from llama_sft.training.recipe import run_sft
-
         from llama_sft.layout import RunConfig
+        from llama_sft.training.recipe import run_sft
 
         run_config = RunConfig(base_model=args.model_path, config_hash=config_hash(cfg),
                                dataset={"dataset_hash": "bench"})
@@ -652,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[bench] machine: {cpu_model_name()}, {os.cpu_count()} CPUs; device {args.device}; "
           f"model {args.model} ({model_path}); QLoRA {args.use_4bit}", flush=True)
     peaks_before = measure_peaks(args.device, args.threads)
-    print(f"[bench] matmul peak before: " + ", ".join(
+    print("[bench] matmul peak before: " + ", ".join(
         f"{k} {v / 1e9:.0f} GFLOP/s" if k != "threads" else f"{v} threads"
         for k, v in peaks_before.items()), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}

@@ -62,10 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import TrainerCallback
 
     from llama_sft.data.tokenize import tokenize_examples
-    from llama_sft.layout import config_hash
+    from llama_sft.layout import RunConfig, config_hash
     from llama_sft.modeling.embedded import ensure_embedded_model
     from llama_sft.modeling.load import load_tokenizer
-    from llama_sft.layout import RunConfig
     from llama_sft.training.recipe import run_sft
     from llama_train import resolve_train_config
 
