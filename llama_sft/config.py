@@ -170,6 +170,13 @@ class DataArgs:
     skip_invalid: bool = _f(False, "Skip malformed lines and count them instead of stopping.")
     val_ratio: float = _f(0.05, "Share of --dataset held out for validation (hash-based, stable).")
     test_ratio: float = _f(0.05, "Share of --dataset held out for testing (hash-based, stable).")
+    last_turn_only: bool = _f(False, "In multi-turn conversations, supervise only the last "
+                              "assistant turn (default: every assistant turn).")
+
+    @property
+    def label_mode(self) -> str:
+        """tokenize_examples' label_mode for this run."""
+        return "last" if self.last_turn_only else "all"
 
 
 @dataclass

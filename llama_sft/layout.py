@@ -60,8 +60,15 @@ LOSS_CURVE = "loss_curve.png"
 PILOT_EVALUATION = "pilot_evaluation.json"
 
 
+# Fields added after runs were made: hashed only when set away from their default, so an older
+# run's checkpoints still match their own config.
+LATER_HASH_FIELDS = {"last_turn_only": False}
+
+
 def config_hash(cfg: Any) -> str:
     d = {k: getattr(cfg, k, None) for k in CONFIG_HASH_FIELDS}
+    d.update({k: getattr(cfg, k) for k, default in LATER_HASH_FIELDS.items()
+              if getattr(cfg, k, default) != default})
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -141,6 +148,10 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)  # TRAINING_KEYS
     dataset: dict[str, Any] = field(default_factory=dict)  # path, hashes, splits, tokenization
     config_hash: str | None = None
+    # Every token id generation stops at (turn end, EOS, generation_config's list): later
+    # stages and packaging stop where training taught the model to.
+    stop_token_ids: list[int] = field(default_factory=list)
+    label_mode: str = "all"  # "all" assistant turns supervised, or the "last" one
     library_versions: dict[str, str] = field(default_factory=dict)
     toolkit_version: str | None = None
     format_version: int = FORMAT_VERSION
@@ -148,7 +159,8 @@ class RunConfig:
     @classmethod
     def from_train_args(cls, cfg: Any, *, stage: str, base_model: str, prompt_format: str,
                         dataset_info: dict[str, Any], toolkit_version: str,
-                        library_versions: dict[str, str]) -> "RunConfig":
+                        library_versions: dict[str, str],
+                        stop_token_ids: list[int] | None = None) -> "RunConfig":
         return cls(
             toolkit_version=toolkit_version, stage=stage, base_model=base_model,
             model_size=cfg.model_size, prompt_format=prompt_format, max_length=cfg.max_length,
@@ -157,7 +169,9 @@ class RunConfig:
             lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                   "target_modules": cfg.lora_target_modules},
             training={k: getattr(cfg, k) for k in TRAINING_KEYS}, dataset=dataset_info,
-            config_hash=config_hash(cfg), library_versions=library_versions)
+            config_hash=config_hash(cfg), library_versions=library_versions,
+            stop_token_ids=list(stop_token_ids or []),
+            label_mode=getattr(cfg, "label_mode", "all"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -418,13 +418,36 @@ MALFORMED = [
      "not valid UTF-8"),
     ("messages-bad-role", json.dumps({"messages": [{"role": S, "content": "a"},
                                                    {"role": "assistant", "content": "b"}]})
-     .encode(), "has role"),
+     .encode(), "'messages'[0] has an unknown role"),
     ("messages-no-assistant", json.dumps({"messages": [{"role": "user", "content": S}]})
-     .encode(), "must end with a user turn followed by an assistant turn"),
-    ("messages-multi-turn", json.dumps({"messages": [
+     .encode(), "'messages' has no assistant turn"),
+    ("messages-ends-with-user", json.dumps({"messages": [
         {"role": "user", "content": S}, {"role": "assistant", "content": "a"},
-        {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}).encode(),
-     "multi-turn 'messages' are not supported"),
+        {"role": "user", "content": "b"}]}).encode(),
+     "'messages' must end with an assistant turn ('messages'[2] is a user turn)"),
+    ("messages-two-users", json.dumps({"messages": [
+        {"role": "user", "content": S}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "c"}]}).encode(),
+     "'messages'[1] is a user turn where a user turn must be followed by an assistant turn"),
+    ("messages-assistant-first", json.dumps({"messages": [
+        {"role": "system", "content": S}, {"role": "assistant", "content": "a"}]}).encode(),
+     "'messages'[1] is an assistant turn where the first turn (after an optional system "
+     "turn) must be a user turn"),
+    ("messages-late-system", json.dumps({"messages": [
+        {"role": "user", "content": S}, {"role": "assistant", "content": "a"},
+        {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}]}).encode(),
+     "'messages'[2] is a system turn"),
+    ("messages-empty-turn", json.dumps({"messages": [
+        {"role": "user", "content": S}, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": " \n"}, {"role": "assistant", "content": "c"}]}).encode(),
+     "'messages'[2] (user turn) is empty"),
+    ("sharegpt-bad-from", json.dumps({"conversations": [{"from": S, "value": "a"},
+                                                        {"from": "gpt", "value": "b"}]})
+     .encode(), "'conversations'[0] has an unknown from"),
+    ("sharegpt-no-gpt", json.dumps({"conversations": [{"from": "human", "value": S}]})
+     .encode(), "'conversations' has no assistant turn"),
+    ("sharegpt-not-objects", json.dumps({"conversations": [S]}).encode(),
+     "'conversations'[0] must be an object with string 'from' and 'value'"),
     ("messages-not-list", json.dumps({"messages": S}).encode(), "'messages' must be a non-empty"),
     ("messages-extra", json.dumps({"messages": [{"role": "user", "content": "a"},
                                                 {"role": "assistant", "content": "b"}],
@@ -733,7 +756,8 @@ REPORT_KEYS = {"dataset", "file_sha256", "dataset_hash", "examples", "skipped_in
                "skipped_reasons", "categories", "prompt_format", "tokenizer", "max_length",
                "prompt_tokens", "response_tokens", "total_tokens", "would_truncate",
                "would_drop_no_supervised_tokens", "duplicate_examples", "golden_overlap",
-               "splits", "split_ratios"}
+               "splits", "split_ratios", "would_shorten_conversations", "would_drop_exchanges",
+               "assistant_turns", "label_mode"}
 
 
 def check_report_consistency(report: dict, path: Path) -> None:

@@ -9,6 +9,7 @@ import logging
 import math
 from array import array
 from collections import Counter
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -20,10 +21,9 @@ from llama_sft.data.loader import (
     load_and_validate,
     no_examples_error,
 )
-from llama_sft.data.prompts import _prompt_ids, render_prompt, resolve_prompt_format
 from llama_sft.data.schemas import Example
 from llama_sft.data.splits import SplitAssigner
-from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
+from llama_sft.data.tokenize import Encoder, TokenizeStats, tokenize_examples
 from llama_sft.errors import ConfigError, DatasetError
 from llama_sft.files import output_file_problem, same_file, write_text_atomic
 from llama_sft.modeling.load import load_tokenizer, resolve_base_model
@@ -48,69 +48,90 @@ def percentiles(values: Sequence[int], qs: Iterable[int] = (50, 90, 95, 99)) -> 
 REPORT_CHUNK = 1024  # examples rendered and tokenized at a time by the report
 
 
+@dataclass
+class _Tally:
+    """What the report keeps across chunks: two arrays of token lengths (4 bytes per example
+    each), one content hash per distinct example (in the split assigner) and counters."""
+
+    encoder: Encoder
+    max_length: int
+    assigner: SplitAssigner
+    prompt_lengths: array = field(default_factory=lambda: array("I"))
+    response_lengths: array = field(default_factory=lambda: array("I"))
+    categories: Counter = field(default_factory=Counter)
+    turns: Counter = field(default_factory=Counter)
+    splits: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "test": 0})
+    all_hashes: Any = field(default_factory=hashlib.sha256)  # == dataset_hash(examples)
+    over_stats: TokenizeStats = field(default_factory=TokenizeStats)
+    would_truncate: int = 0
+    examples: int = 0
+
+    def add(self, chunk: list[Example]) -> None:
+        encoded = self.encoder.encode(chunk)
+        over = []
+        for ex, enc in zip(chunk, encoded):
+            h = ex.content_hash
+            self.all_hashes.update(h.encode())
+            self.categories[ex.category] += 1
+            self.turns[ex.assistant_turns] += 1
+            name = self.assigner.assign(h)
+            if name is not None:
+                self.splits[name] += 1
+            if len(enc.ids) > self.max_length:
+                over.append(ex)
+            self.response_lengths.append(enc.supervised)
+            self.prompt_lengths.append(len(enc.ids) - enc.supervised)
+        self.examples += len(chunk)
+        self.would_truncate += len(over)
+        # Count drops the way training will: the context is cut first, so a long prompt is
+        # only dropped when even the instruction leaves no room (tokenize only the long ones).
+        tokenize_examples(over, self.encoder.tokenizer, max_length=self.max_length,
+                          prompt_format=self.encoder.format, label_mode=self.encoder.label_mode,
+                          stats=self.over_stats)
+
+
 def build_report(examples: Iterable[Example], tokenizer, *, path: str, max_length: int,
                  prompt_format: str, val_ratio: float, test_ratio: float,
-                 golden: Sequence[Example] = (), load_stats: LoadStats | None = None) -> dict[str, Any]:
+                 golden: Sequence[Example] = (), load_stats: LoadStats | None = None,
+                 label_mode: str = "all") -> dict[str, Any]:
     """Counts, token-length percentiles, truncation, duplicates and split sizes of `examples`.
 
     One pass that streams: `examples` may be a generator (iter_examples), and only REPORT_CHUNK
-    examples, their rendered prompts and token ids are held at a time; what is kept for the
-    whole file is two arrays of token lengths (4 bytes per example each), one content hash per
-    distinct example (for duplicates and splits) and the category counts."""
-    fmt = resolve_prompt_format(tokenizer, prompt_format)
-    p_len, r_len = array("I"), array("I")
-    categories: Counter = Counter()
-    splits = {"train": 0, "val": 0, "test": 0}
-    assigner = SplitAssigner(val_ratio=val_ratio, test_ratio=test_ratio, golden=golden)
-    all_hashes = hashlib.sha256()  # == dataset_hash(examples), without holding them
-    over_stats = TokenizeStats()
-    would_truncate = n = 0
+    examples, their renders and token ids are held at a time (see _Tally for what is kept).
+    Response tokens are the supervised ones (every assistant turn with its turn end, or the
+    last with label_mode "last"); prompt tokens the rest."""
+    tally = _Tally(Encoder(tokenizer, prompt_format, label_mode), max_length,
+                   SplitAssigner(val_ratio=val_ratio, test_ratio=test_ratio, golden=golden))
     for chunk in _chunks(examples, REPORT_CHUNK):
-        prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in chunk]
-        chunk_p = [len(x) for x in _prompt_ids(tokenizer, fmt, prompts)]
-        chunk_r = [len(x) + 1 for x in tokenizer([ex.response for ex in chunk],
-                                                 add_special_tokens=False)["input_ids"]]
-        over = []
-        for ex, a, b in zip(chunk, chunk_p, chunk_r):
-            h = ex.content_hash
-            all_hashes.update(h.encode())
-            categories[ex.category] += 1
-            name = assigner.assign(h)
-            if name is not None:
-                splits[name] += 1
-            if a + b > max_length:
-                over.append(ex)
-        n += len(chunk)
-        p_len.extend(chunk_p)
-        r_len.extend(chunk_r)
-        would_truncate += len(over)
-        # Count drops the way training will: the context is cut first, so a long prompt is
-        # only dropped when even the instruction leaves no room (tokenize only the long ones).
-        tokenize_examples(over, tokenizer, max_length=max_length, prompt_format=fmt,
-                          stats=over_stats)
-    removed = assigner.finish()
-    load_stats = load_stats or LoadStats(rows=n)
+        tally.add(chunk)
+    removed = tally.assigner.finish()
+    load_stats = load_stats or LoadStats(rows=tally.examples)
+    p_len, r_len = tally.prompt_lengths, tally.response_lengths
     return {
         "dataset": str(path),
         "file_sha256": file_sha256(path),
-        "dataset_hash": all_hashes.hexdigest()[:16],
-        "examples": n,
+        "dataset_hash": tally.all_hashes.hexdigest()[:16],
+        "examples": tally.examples,
         "skipped_invalid": load_stats.skipped_invalid,
         "skipped_reasons": dict(load_stats.skipped_reasons),
-        "categories": dict(sorted(categories.items())),
-        "prompt_format": fmt,
+        "categories": dict(sorted(tally.categories.items())),
+        "prompt_format": tally.encoder.format,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "max_length": max_length,
         "prompt_tokens": percentiles(p_len),
         "response_tokens": percentiles(r_len),
         "total_tokens": percentiles([a + b for a, b in zip(p_len, r_len)]),
-        "would_truncate": would_truncate,
-        "would_drop_no_supervised_tokens": over_stats.dropped_no_supervised_tokens,
+        "would_truncate": tally.would_truncate,
+        "would_drop_no_supervised_tokens": tally.over_stats.dropped_no_supervised_tokens,
+        "would_shorten_conversations": tally.over_stats.conversations_shortened,
+        "would_drop_exchanges": tally.over_stats.exchanges_dropped,
+        "assistant_turns": {str(k): v for k, v in sorted(tally.turns.items())},
+        "label_mode": label_mode,
         # As split_examples counts them: a repeated golden-set row is golden overlap (every
         # copy), not a duplicate, so splits == examples - duplicates - golden overlap.
         "duplicate_examples": removed.get("duplicates", 0),
         "golden_overlap": removed.get("golden_overlap", 0),
-        "splits": splits,
+        "splits": tally.splits,
         "split_ratios": {"val": val_ratio, "test": test_ratio},
     }
 
@@ -132,10 +153,16 @@ def format_report(r: dict[str, Any]) -> str:
         "  categories: " + ", ".join(f"{k} {v}" for k, v in r["categories"].items()),
         f"  prompt format: {r['prompt_format']}   tokenizer: {r['tokenizer']}",
         f"  prompt tokens:   {pct(r['prompt_tokens'])}",
-        f"  response tokens: {pct(r['response_tokens'])}  (including EOS)",
+        f"  response tokens: {pct(r['response_tokens'])}  (supervised: every "
+        f"{'' if r['label_mode'] == 'all' else 'last '}assistant turn with its end token)",
         f"  total tokens:    {pct(r['total_tokens'])}",
+        "  assistant turns per example: " + ", ".join(
+            f"{k}: {v}" for k, v in r["assistant_turns"].items()),
         f"  over --max-length {r['max_length']}: {r['would_truncate']} would be truncated, "
-        f"{r['would_drop_no_supervised_tokens']} would be dropped (no room for the response)",
+        f"{r['would_drop_no_supervised_tokens']} would be dropped (no room for the response)"
+        + (f"; {r['would_shorten_conversations']} conversations would lose "
+           f"{r['would_drop_exchanges']} earliest exchanges in all"
+           if r["would_shorten_conversations"] else ""),
         f"  duplicates: {r['duplicate_examples']}   golden-set overlap: {r['golden_overlap']}",
         "  splits: " + ", ".join(f"{k} {v}" for k, v in r["splits"].items()),
     ]
@@ -200,7 +227,8 @@ def run_report(cfg: Any, output: str | None = None) -> dict[str, Any]:
                              skip_invalid=cfg.skip_invalid)
     report = build_report(examples, tok, path=cfg.dataset, max_length=cfg.max_length,
                           prompt_format=cfg.prompt_format, val_ratio=cfg.val_ratio,
-                          test_ratio=cfg.test_ratio, golden=golden, load_stats=stats)
+                          test_ratio=cfg.test_ratio, golden=golden, load_stats=stats,
+                          label_mode=cfg.label_mode)
     if report["examples"] != stats.rows:
         raise DatasetError(f"--dataset {cfg.dataset} changed while the report was being made "
                            f"({stats.rows} then {report['examples']} examples); run it again")

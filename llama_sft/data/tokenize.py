@@ -1,17 +1,35 @@
-"""Tokenization with response-only labels: prompt tokens are -100, every response ends with a
-supervised EOS (also when pad == eos); the context is cut first; an example left with no
-supervised token is dropped and counted."""
+"""Tokenization with response-only labels.
+
+Every example is rendered whole (the chat template, or the instruction template) and labelled
+from the render itself: exactly each assistant turn's content and the template's own
+end-of-turn token are supervised (`<|im_end|>`, `<|eot_id|>`, `</s>`; EOS for the instruction
+template, also when pad == eos), everything else is -100. The supervised spans are found by
+rendering the conversation up to each assistant turn; the tokens of those prefixes must equal
+the start of the whole render's tokens, else the template cannot give response-only labels and
+the run is refused rather than trained on a shifted mask.
+
+Over --max-length: whole earliest exchanges go first (the system turn stays), then a
+single-turn example's context is cut, then the response's tail (then without its turn end);
+an example left with no supervised token is dropped. Each is counted.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from llama_sft.data.prompts import _prompt_ids, render_prompt, resolve_prompt_format
+from llama_sft.data.prompts import (
+    render_conversation,
+    render_prompt,
+    resolve_prompt_format,
+    turn_end_ids,
+)
 from llama_sft.data.schemas import Example
 from llama_sft.errors import DatasetError
 
 IGNORE_TOKEN_ID = -100
+LABEL_MODES = ("all", "last")  # supervise every assistant turn, or the last one only
 
 
 @dataclass
@@ -23,61 +41,171 @@ class TokenizeStats:
     dropped_no_supervised_tokens: int = 0
     supervised_tokens: int = 0
     total_tokens: int = 0
+    conversations_shortened: int = 0  # examples that lost earliest exchanges to --max-length
+    exchanges_dropped: int = 0  # user/assistant exchanges dropped in all
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int,
-                      prompt_format: str = "auto",
-                      stats: TokenizeStats | None = None) -> list[dict[str, Any]]:
-    """Tokenize to {input_ids, labels, length, prompt_length, id, category}.
+@dataclass
+class Encoded:
+    """One example's whole render as token ids, and its supervised [start, end) spans."""
 
-    prompt tokens -> label -100; response tokens + EOS -> supervised. Batched through the fast
-    tokenizer. When prompt + response + EOS exceed max_length the context is cut first (keeping
-    its beginning), then the response's tail (then no EOS: the cut answer did not end)."""
-    fmt = resolve_prompt_format(tokenizer, prompt_format)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DatasetError("the tokenizer has no EOS token; the model could never learn to stop")
+    ids: list[int]
+    spans: list[tuple[int, int]]
+
+    @property
+    def supervised(self) -> int:
+        return sum(end - start for start, end in self.spans)
+
+
+class Encoder:
+    """Renders and tokenizes examples in one prompt format, with its turn-end tokens."""
+
+    def __init__(self, tokenizer, prompt_format: str = "auto", label_mode: str = "all"):
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, not {label_mode!r}")
+        if tokenizer.eos_token_id is None:
+            # Padding and generation fall back to EOS; a tokenizer without one is broken.
+            raise DatasetError("the tokenizer has no EOS token; the model could never learn to "
+                               "stop")
+        self.tokenizer = tokenizer
+        self.format = resolve_prompt_format(tokenizer, prompt_format)
+        self.turn_end = set(turn_end_ids(tokenizer, self.format))
+        self.label_mode = label_mode
+
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
+        """Every example untruncated, tokenized in one batch."""
+        texts: list[str] = []
+        plans = []
+        for ex in examples:
+            start = len(texts)
+            texts.extend(self._texts(ex))
+            plans.append((ex, start, len(texts)))
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [self._single_turn(ids[start:end]) if self._is_single_turn(ex)
+                else self._spans(ex, ids[start:end]) for ex, start, end in plans]
+
+    def _is_single_turn(self, ex: Example) -> bool:
+        return self.format != "chat" and ex.messages is None
+
+    def _single_turn(self, ids: list[list[int]]) -> Encoded:
+        """The instruction template's single-turn form (with its Input block): prompt and
+        response tokenized apart, then EOS, as the toolkit has always trained it."""
+        prompt, response = ids
+        whole = prompt + response + [self.tokenizer.eos_token_id]
+        return Encoded(ids=whole, spans=[(len(prompt), len(whole))])
+
+    def _texts(self, ex: Example) -> list[str]:
+        """[whole render, then (prompt, prompt + turn) for each assistant turn]; for a
+        single-turn example in the instruction format, [prompt, response]."""
+        if self._is_single_turn(ex):
+            return [render_prompt(self.tokenizer, self.format, ex.instruction, ex.context),
+                    ex.response]
+        messages = ex.conversation()
+        texts = [render_conversation(self.tokenizer, self.format, messages)]
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                texts.append(render_conversation(self.tokenizer, self.format, messages[:k],
+                                                 add_generation_prompt=True))
+                texts.append(render_conversation(self.tokenizer, self.format, messages[:k + 1]))
+        return texts
+
+    def _spans(self, ex: Example, ids: list[list[int]]) -> Encoded:
+        whole, spans = ids[0], []
+        for turn, (prompt, through) in enumerate(zip(ids[1::2], ids[2::2]), start=1):
+            if whole[:len(prompt)] != prompt or whole[:len(through)] != through:
+                raise DatasetError(self._mismatch(ex, turn))
+            ends = [i for i, t in enumerate(through[len(prompt):]) if t in self.turn_end]
+            if not ends:
+                raise DatasetError(f"line {ex.line}: assistant turn {turn} renders without the "
+                                   "template's end-of-turn token, so it cannot be supervised")
+            spans.append((len(prompt), len(prompt) + ends[-1] + 1))
+        if self.label_mode == "last":
+            spans = spans[-1:]
+        # Nothing after the last turn's end is trained on (e.g. ChatML's trailing newline).
+        return Encoded(ids=whole[:spans[-1][1]], spans=spans)
+
+    def _mismatch(self, ex: Example, turn: int) -> str:
+        return (f"line {ex.line}: the {self.format} prompt format cannot give response-only "
+                f"labels here: the conversation up to assistant turn {turn} does not tokenize "
+                "to the start of the whole conversation's tokens (the template renders that "
+                "part differently inside the whole, or tokens merge across the turn boundary), "
+                "so the labels would be shifted; use --prompt-format instruction, or a "
+                "tokenizer whose template renders each turn the same way")
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int,
+                      prompt_format: str = "auto", label_mode: str = "all",
+                      stats: TokenizeStats | None = None) -> list[dict[str, Any]]:
+    """Tokenize to {input_ids, labels, length, prompt_length, id, category, content_hash}
+    (module docstring: labels and truncation). Batched through the fast tokenizer."""
+    encoder = Encoder(tokenizer, prompt_format, label_mode)
     stats = stats if stats is not None else TokenizeStats()
     if not examples:  # e.g. an empty val split; the fast tokenizer fails on an empty batch
         return []
     stats.examples_in += len(examples)
-    prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in examples]
-    prompt_ids = _prompt_ids(tokenizer, fmt, prompts)
-    response_ids = tokenizer([ex.response for ex in examples], add_special_tokens=False)["input_ids"]
     out: list[dict[str, Any]] = []
-    for i, ex in enumerate(examples):
-        p_ids, r_ids = prompt_ids[i], list(response_ids[i]) + [eos]
-        if len(p_ids) + len(r_ids) > max_length and ex.context.strip():
-            p_ids = _truncate_context(tokenizer, fmt, ex, max_length - len(r_ids))
-            stats.context_truncated += 1
-        if len(p_ids) >= max_length:
+    for ex, enc in zip(examples, encoder.encode(examples)):
+        if len(enc.ids) > max_length:
+            enc = _fit(encoder, ex, enc, max_length, stats)
+        if enc is None:
             stats.dropped_no_supervised_tokens += 1
             continue
-        if len(p_ids) + len(r_ids) > max_length:
-            r_ids = r_ids[: max_length - len(p_ids)]
-            stats.response_truncated += 1
-        input_ids = p_ids + r_ids
-        labels = [IGNORE_TOKEN_ID] * len(p_ids) + r_ids
-        out.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids),
-                    "prompt_length": len(p_ids), "id": ex.id, "category": ex.category,
+        labels = [IGNORE_TOKEN_ID] * len(enc.ids)
+        for start, end in enc.spans:
+            labels[start:end] = enc.ids[start:end]
+        out.append({"input_ids": enc.ids, "labels": labels, "length": len(enc.ids),
+                    "prompt_length": enc.spans[-1][0], "id": ex.id, "category": ex.category,
                     "content_hash": ex.content_hash})
-        stats.supervised_tokens += len(r_ids)
-        stats.total_tokens += len(input_ids)
+        stats.supervised_tokens += enc.supervised
+        stats.total_tokens += len(enc.ids)
     stats.examples_out += len(out)
     return out
 
 
-def _truncate_context(tokenizer, fmt: str, ex: Example, budget: int) -> list[int]:
-    """Cut the context so the prompt fits `budget` tokens (keeping at least the instruction)."""
+def _fit(encoder: Encoder, ex: Example, enc: Encoded, max_length: int,
+         stats: TokenizeStats) -> Encoded | None:
+    """`enc` cut to max_length (module docstring); None when no supervised token is left."""
+    shortened = ex
+    while len(enc.ids) > max_length and shortened.assistant_turns > 1:
+        shortened = _drop_first_exchange(shortened)
+        stats.exchanges_dropped += 1
+        enc = encoder.encode([shortened])[0]
+    if shortened is not ex:
+        stats.conversations_shortened += 1
+    if len(enc.ids) > max_length and shortened.messages is None and ex.context.strip():
+        response = len(enc.ids) - enc.spans[-1][0]
+        enc = _truncate_context(encoder, ex, max_length - response)
+        stats.context_truncated += 1
+    start = enc.spans[-1][0]
+    if start >= max_length:
+        return None
+    if len(enc.ids) > max_length:
+        stats.response_truncated += 1
+        enc = Encoded(ids=enc.ids[:max_length],
+                      spans=[(s, min(e, max_length)) for s, e in enc.spans if s < max_length])
+    return enc
+
+
+def _drop_first_exchange(ex: Example) -> Example:
+    """The conversation without its earliest user/assistant exchange (the system turn stays)."""
+    turns = list(ex.messages or ())
+    first = 1 if turns and turns[0][0] == "system" else 0
+    return dataclasses.replace(ex, messages=tuple(turns[:first] + turns[first + 2:]))
+
+
+def _truncate_context(encoder: Encoder, ex: Example, budget: int) -> Encoded:
+    """The example with its context cut so the prompt fits `budget` tokens (keeping at least
+    the instruction)."""
+    tokenizer = encoder.tokenizer
     ctx_ids = tokenizer(ex.context.strip(), add_special_tokens=False)["input_ids"]
-    bare = _prompt_ids(tokenizer, fmt, [render_prompt(tokenizer, fmt, ex.instruction, "")])[0]
-    keep = max(0, budget - len(bare) - 8)  # separators / template tokens around the context
+    bare = encoder.encode([dataclasses.replace(ex, context="")])[0]
+    keep = max(0, budget - bare.spans[-1][0] - 8)  # separators / template tokens around it
     while True:
         ctx = tokenizer.decode(ctx_ids[:keep], skip_special_tokens=True) if keep > 0 else ""
-        ids = _prompt_ids(tokenizer, fmt, [render_prompt(tokenizer, fmt, ex.instruction, ctx)])[0]
-        if len(ids) <= budget or keep == 0:
-            return ids
-        keep = max(0, keep - max(1, len(ids) - budget))
+        enc = encoder.encode([dataclasses.replace(ex, context=ctx)])[0]
+        if enc.spans[-1][0] <= budget or keep == 0:
+            return enc
+        keep = max(0, keep - max(1, enc.spans[-1][0] - budget))

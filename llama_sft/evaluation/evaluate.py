@@ -27,7 +27,7 @@ from llama_sft.config import (
     raise_problems,
 )
 from llama_sft.data.loader import file_sha256, load_and_validate
-from llama_sft.data.prompts import render_prompt, resolve_prompt_format
+from llama_sft.data.prompts import generation_prompt, resolve_prompt_format
 from llama_sft.data.splits import dataset_hash
 from llama_sft.data.tokenize import tokenize_examples
 from llama_sft.errors import ConfigError, ModelLoadError
@@ -372,10 +372,14 @@ def load_eval_data(cfg: EvalArgs, run: RunConfig, *, base_name: str,
 
 
 def prepare_inputs(tok, cfg: EvalArgs, selected: Sequence[Any]):
-    """(prompt format, rendered prompts, tokenized examples by content hash) for `selected`."""
+    """(prompt format, rendered prompts, tokenized examples by content hash) for `selected`.
+
+    A conversation is scored on its last assistant turn: the prompt is the history before it
+    (as trained) and the perplexity covers that turn alone."""
     fmt = resolve_prompt_format(tok, cfg.prompt_format)
-    prompts = [render_prompt(tok, fmt, ex.instruction, ex.context) for ex in selected]
-    features = tokenize_examples(selected, tok, max_length=cfg.max_length, prompt_format=fmt)
+    prompts = [generation_prompt(tok, fmt, ex) for ex in selected]
+    features = tokenize_examples(selected, tok, max_length=cfg.max_length, prompt_format=fmt,
+                                 label_mode="last")
     features_by_hash = {f["content_hash"]: f for f in features}
     wanted = len({ex.content_hash for ex in selected})
     if len(features_by_hash) < wanted:
@@ -399,7 +403,10 @@ def evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *,
     nll = response_nll(model, tok, [features_by_hash[h] for h in hashes], batch_size=cfg.batch_size)
     ppl_seconds = time.perf_counter() - t0
     rows = _score_rows(selected, generations, dict(zip(hashes, nll)), cfg.answer_regex)
-    return PassResult(generations=generations, rows=rows, metrics=aggregate(rows, by="category"),
+    metrics = aggregate(rows, by="category")
+    if any(ex.messages is not None for ex in selected):
+        metrics["by_assistant_turns"] = aggregate(rows, by="assistant_turns")["by_assistant_turns"]
+    return PassResult(generations=generations, rows=rows, metrics=metrics,
                       stats=gen_stats, ppl_seconds=ppl_seconds)
 
 
@@ -421,7 +428,8 @@ def _score_rows(selected, generations, nll_by_hash, answer_regex):
     for ex, gen in zip(selected, generations):
         nll, count = nll_by_hash.get(ex.content_hash, (None, 0))
         rows.append({
-            "category": ex.category, "prediction": gen.text, "reference": ex.response,
+            "category": ex.category, "assistant_turns": ex.assistant_turns,
+            "prediction": gen.text, "reference": ex.response,
             "metrics": score_example(gen.text, ex.response, answer_regex=answer_regex),
             "new_tokens": gen.new_tokens, "ended_with_eos": gen.ended_with_eos,
             "response_nll": nll, "response_tokens": count or None,

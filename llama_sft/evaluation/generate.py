@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from llama_sft.data.prompts import stop_token_ids
+
 logger = logging.getLogger("llama_sft")
 
 
@@ -20,13 +22,15 @@ logger = logging.getLogger("llama_sft")
 class Generation:
     text: str
     new_tokens: int
-    ended_with_eos: bool
+    ended_with_eos: bool  # stopped at one of the model's stop tokens (turn end or EOS)
 
 
 def _generation_kwargs(*, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                       pad: int, eos: int) -> dict[str, Any]:
+                       pad: int, stop_ids: list[int]) -> dict[str, Any]:
+    # eos_token_id as the whole list: one id would override the model's own list (Llama 3's
+    # generation_config stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>).
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      pad_token_id=pad, eos_token_id=eos, use_cache=True)
+                                      pad_token_id=pad, eos_token_id=stop_ids, use_cache=True)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:
@@ -35,9 +39,10 @@ def _generation_kwargs(*, max_new_tokens: int, do_sample: bool, temperature: flo
     return gen_kwargs
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, eos: int, device,
-                    gen_kwargs: dict[str, Any]) -> list[Generation]:
-    """Left-pad one batch of prompt token ids, generate, and decode each row up to its EOS."""
+def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_ids: list[int],
+                    device, gen_kwargs: dict[str, Any]) -> list[Generation]:
+    """Left-pad one batch of prompt token ids, generate, and decode each row up to its first
+    stop token."""
     import torch
 
     width = max(len(ids) for ids in batch)
@@ -49,10 +54,12 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, eos: 
         mask[row, width - n:] = 1
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
     generations = []
+    stops = set(stop_ids)
     for toks in out[:, width:].tolist():
-        ended = eos in toks
+        end = next((i for i, t in enumerate(toks) if t in stops), None)
+        ended = end is not None
         if ended:
-            toks = toks[: toks.index(eos)]
+            toks = toks[:end]
         else:
             while toks and toks[-1] == pad:
                 toks = toks[:-1]
@@ -61,17 +68,26 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, eos: 
     return generations
 
 
+def model_stop_ids(model, tokenizer) -> list[int]:
+    """stop_token_ids for a loaded model: its chat template's turn end (when it has one), the
+    tokenizer's EOS and the model's generation_config.eos_token_id."""
+    fmt = "chat" if getattr(tokenizer, "chat_template", None) else "instruction"
+    return stop_token_ids(tokenizer, fmt, getattr(model, "generation_config", None))
+
+
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, progress: bool = False,
-             stats: dict[str, Any] | None = None) -> list[Generation]:
-    """Generate a response for each rendered prompt (text already in the model's format)."""
+             stats: dict[str, Any] | None = None,
+             stop_ids: Sequence[int] | None = None) -> list[Generation]:
+    """Generate a response for each rendered prompt (text already in the model's format),
+    stopping at any of `stop_ids` (default: the model's, from stop_token_ids)."""
     import torch
 
     if not prompts:
         return []
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stop_ids = list(stop_ids) if stop_ids else model_stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     # Longest first: prompts of similar length share a batch, so little padding is generated.
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
@@ -87,15 +103,16 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     generated_tokens = 0
     t0 = time.perf_counter()
     gen_kwargs = _generation_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                    temperature=temperature, top_p=top_p, pad=pad, eos=eos)
+                                    temperature=temperature, top_p=top_p, pad=pad,
+                                    stop_ids=stop_ids)
     if do_sample:
         torch.manual_seed(seed)
     try:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = _generate_batch(model, tokenizer, [enc[i] for i in idx], pad=pad, eos=eos,
-                                        device=device, gen_kwargs=gen_kwargs)
+                batch = _generate_batch(model, tokenizer, [enc[i] for i in idx], pad=pad,
+                                        stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs)
                 for i, gen in zip(idx, batch):
                     results[i] = gen
                     generated_tokens += gen.new_tokens

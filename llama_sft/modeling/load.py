@@ -100,13 +100,32 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return ensure_pad_token(tok)
 
 
+# Tokens some tokenizers reserve for padding without setting pad_token (Llama 3.1+).
+RESERVED_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "[PAD]")
+
+
 def ensure_pad_token(tok):
-    """Give a tokenizer without a pad token one (LLaMA-2 has none): its unk token, else eos.
-    Padding is masked by the attention mask, never by token id, so reusing either is safe for
-    training and generation. The one place this choice is made."""
+    """Give a tokenizer without a pad token one: its reserved pad token where the vocabulary
+    has one (Llama 3's `<|finetune_right_pad_id|>`), else unk (Llama 2), else eos. Padding is
+    masked by the attention mask, never by token id, so any of them is safe for training and
+    generation. The one place this choice is made."""
     if tok.pad_token_id is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        vocab = tok.get_vocab()
+        reserved = next((t for t in RESERVED_PAD_TOKENS if t in vocab), None)
+        tok.pad_token = reserved or (tok.unk_token if tok.unk_token is not None
+                                     else tok.eos_token)
     return tok
+
+
+def load_generation_config(name: str):
+    """The base model's generation_config (its eos_token_id may be a list), or None where the
+    model folder has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path(name))
+    except OSError:
+        return None
 
 
 def best_dtype(device: str):

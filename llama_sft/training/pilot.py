@@ -16,7 +16,7 @@ from typing import Any
 from llama_sft.config import PilotArgs
 from llama_sft.data.loader import file_sha256, load_and_validate, load_examples
 from llama_sft.data.prompts import (
-    render_prompt,
+    generation_prompt,
     resolve_prompt_format,
     sample_prompts_from,
 )
@@ -84,7 +84,7 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
     splits, _ = split_examples(examples, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
     stats = TokenizeStats()
     tokenize_examples(splits["train"], tokenizer, max_length=cfg.max_length,
-                      prompt_format=prompt_format, stats=stats)
+                      prompt_format=prompt_format, label_mode=cfg.label_mode, stats=stats)
     epochs = cfg.num_epochs
     tokens = stats.total_tokens * epochs
     seconds = tokens / max(tokens_per_second, 1e-9)
@@ -145,8 +145,8 @@ def pilot_checks(cfg: PilotArgs, losses: list[float], base: HeldOutResult,
                          "a non-finite loss was logged"),
         "generations_end_with_eos": _check(after.get("eos_rate", 0) >= 0.9,
                                            f"{after.get('eos_rate', 0):.0%} of tuned generations "
-                                           f"ended with EOS within {cfg.max_new_tokens} tokens "
-                                           "(need >= 90%)"),
+                                           "ended at a stop token (turn end or EOS) within "
+                                           f"{cfg.max_new_tokens} tokens (need >= 90%)"),
         "tuned_beats_base": _check(after["task_score"] > before["task_score"] and
                                    tuned.loss < base.loss,
                                    f"task score {before['task_score']:.3f} -> "
@@ -188,6 +188,16 @@ def _recommendation(checks: dict[str, dict[str, Any]]) -> str:
                                  if not c["passed"])
 
 
+def tokenize_pilot(cfg: PilotArgs, tokenizer, fmt: str, train_ex, held_out):
+    """(train rows, held-out rows, held-out prompts). A held-out conversation is scored on its
+    last assistant turn, the one generated from the history before it."""
+    train_rows = tokenize_examples(train_ex, tokenizer, max_length=cfg.max_length,
+                                   prompt_format=fmt, label_mode=cfg.label_mode)
+    held_rows = tokenize_examples(held_out, tokenizer, max_length=cfg.max_length,
+                                  prompt_format=fmt, label_mode="last")
+    return train_rows, held_rows, [generation_prompt(tokenizer, fmt, ex) for ex in held_out]
+
+
 def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
     """Train on ~80% of the golden set, evaluate the base and the tuned model on the rest, and
     write pilot_evaluation.json (its layout: the llama_pilot.py docstring)."""
@@ -200,14 +210,12 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
     logger.info("pilot model: %s (%s)", base_model, model_choice)
     tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(tokenizer, cfg.prompt_format)
-    train_rows = tokenize_examples(train_ex, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
-    held_rows = tokenize_examples(held_out, tokenizer, max_length=cfg.max_length, prompt_format=fmt)
-    prompts = [render_prompt(tokenizer, fmt, ex.instruction, ex.context) for ex in held_out]
+    train_rows, held_rows, prompts = tokenize_pilot(cfg, tokenizer, fmt, train_ex, held_out)
     info = {"path": Path(cfg.golden_set).name, "file_sha256": file_sha256(cfg.golden_set),
             "dataset_hash": dataset_hash(golden),
             "splits": {"train": len(train_ex), "held_out": len(held_out)}, "removed": removed}
-    run_config = make_run_config(cfg, stage="pilot", base_model=base_model, prompt_format=fmt,
-                                 dataset_info=info)
+    run_config = make_run_config(cfg, stage="pilot", base_model=base_model, tokenizer=tokenizer,
+                                 prompt_format=fmt, dataset_info=info)
 
     t_start = time.perf_counter()
     model = load_model(base_model, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,

@@ -17,13 +17,13 @@ from typing import Any
 from llama_sft.cli import is_main_process
 from llama_sft.config import TrainArgs
 from llama_sft.data.loader import LoadStats, file_sha256, load_and_validate
-from llama_sft.data.prompts import resolve_prompt_format, sample_prompts_from
+from llama_sft.data.prompts import resolve_prompt_format, sample_prompts_from, stop_token_ids
 from llama_sft.data.schemas import Example
 from llama_sft.data.splits import dataset_hash, split_examples
 from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
 from llama_sft.errors import ConfigError, DatasetError
 from llama_sft.layout import TEST_SPLIT, RunConfig
-from llama_sft.modeling.load import load_tokenizer, resolve_base_model
+from llama_sft.modeling.load import load_generation_config, load_tokenizer, resolve_base_model
 from llama_sft.training.outputs import check_output_dir, finish_outputs
 from llama_sft.training.recipe import run_sft
 from llama_sft.versions import TOOLKIT_VERSION, library_versions
@@ -31,13 +31,16 @@ from llama_sft.versions import TOOLKIT_VERSION, library_versions
 logger = logging.getLogger("llama_sft")
 
 
-def make_run_config(cfg: Any, *, stage: str, base_model: str, prompt_format: str,
+def make_run_config(cfg: Any, *, stage: str, base_model: str, tokenizer, prompt_format: str,
                     dataset_info: dict[str, Any]) -> RunConfig:
-    """The resolved config later stages read (run_config.json)."""
+    """The resolved config later stages read (run_config.json), with the stop tokens of the
+    base model in this prompt format."""
+    stop_ids = stop_token_ids(tokenizer, prompt_format, load_generation_config(base_model))
     return RunConfig.from_train_args(cfg, stage=stage, base_model=base_model,
                                      prompt_format=prompt_format, dataset_info=dataset_info,
                                      toolkit_version=TOOLKIT_VERSION,
-                                     library_versions=library_versions())
+                                     library_versions=library_versions(),
+                                     stop_token_ids=stop_ids)
 
 
 @dataclass
@@ -74,15 +77,19 @@ def tokenize_data(cfg: TrainArgs, data: TrainingData, tokenizer, prompt_format: 
     """(train rows, eval rows, truncation counts); eval on the val split, else the golden set."""
     stats = TokenizeStats()
     train_rows = tokenize_examples(data.splits["train"], tokenizer, max_length=cfg.max_length,
-                                   prompt_format=prompt_format, stats=stats)
+                                   prompt_format=prompt_format, label_mode=cfg.label_mode,
+                                   stats=stats)
     eval_source = data.splits["val"] or data.golden
     eval_rows = tokenize_examples(eval_source, tokenizer, max_length=cfg.max_length,
-                                  prompt_format=prompt_format) if eval_source else []
+                                  prompt_format=prompt_format,
+                                  label_mode=cfg.label_mode) if eval_source else []
     logger.info("data: %d train, %d val, %d test, %d golden | removed %s | truncated: %d context, "
-                "%d response; dropped (no supervised token): %d", len(data.splits["train"]),
+                "%d response; dropped (no supervised token): %d; conversations shortened: %d "
+                "(%d earliest exchanges dropped)", len(data.splits["train"]),
                 len(data.splits["val"]), len(data.splits["test"]), len(data.golden),
                 data.removed or "nothing", stats.context_truncated, stats.response_truncated,
-                stats.dropped_no_supervised_tokens)
+                stats.dropped_no_supervised_tokens, stats.conversations_shortened,
+                stats.exchanges_dropped)
     if not train_rows:
         raise DatasetError("every training example was dropped: no room for the response within "
                            f"--max-length {cfg.max_length}; raise it")
@@ -124,7 +131,7 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
     prompt_format = resolve_prompt_format(tokenizer, cfg.prompt_format)
     train_rows, eval_rows, stats = tokenize_data(cfg, data, tokenizer, prompt_format)
     info = dataset_info(cfg, data, stats)
-    run_config = make_run_config(cfg, stage="train", base_model=base_model,
+    run_config = make_run_config(cfg, stage="train", base_model=base_model, tokenizer=tokenizer,
                                  prompt_format=prompt_format, dataset_info=info)
     write_test_split(output_dir, data.splits["test"])
     samples = sample_prompts_from(data.golden or data.splits["val"], tokenizer, prompt_format,
