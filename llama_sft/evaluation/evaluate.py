@@ -389,7 +389,7 @@ def prepare_inputs(tok, cfg: EvalArgs, selected: Sequence[Any]):
 
 
 def evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *,
-                  label: str) -> PassResult:
+                  label: str, stop_ids: Sequence[int] | None = None) -> PassResult:
     """Generate and score one model (tuned or base) on the selected examples."""
     gen_stats: dict[str, Any] = {}
     logger.info("%s: generating %d responses (batch %d, up to %d new tokens)", label,
@@ -397,7 +397,7 @@ def evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *,
     generations = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                           progress=True, stats=gen_stats)
+                           progress=True, stats=gen_stats, stop_ids=stop_ids)
     t0 = time.perf_counter()
     hashes = list(features_by_hash)
     nll = response_nll(model, tok, [features_by_hash[h] for h in hashes], batch_size=cfg.batch_size)
@@ -410,16 +410,17 @@ def evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *,
                       stats=gen_stats, ppl_seconds=ppl_seconds)
 
 
-def evaluate_models(model, tok, prompts, features_by_hash, selected,
-                    cfg: EvalArgs) -> tuple[PassResult, PassResult | None]:
-    """The tuned model's pass, and with --compare-base the base model's (adapter disabled)."""
+def evaluate_models(model, tok, prompts, features_by_hash, selected, cfg: EvalArgs,
+                    stop_ids: Sequence[int] | None = None) -> tuple[PassResult, PassResult | None]:
+    """The tuned model's pass, and with --compare-base the base model's (adapter disabled);
+    both stop at `stop_ids` (default: the model's own, llama_sft.data.prompts.stop_token_ids)."""
     tuned = evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg,
-                          label="tuned" if cfg.adapter_path else "base")
+                          label="tuned" if cfg.adapter_path else "base", stop_ids=stop_ids)
     base = None
     if cfg.compare_base:
         with model.disable_adapter():
             base = evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg,
-                                 label="base")
+                                 label="base", stop_ids=stop_ids)
     return tuned, base
 
 
@@ -574,7 +575,10 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
     model, tok = load_for_evaluation(cfg, base_model_flag)
     load_seconds = time.perf_counter() - t0
     fmt, prompts, features_by_hash = prepare_inputs(tok, cfg, data.selected)
-    tuned, base = evaluate_models(model, tok, prompts, features_by_hash, data.selected, cfg)
+    # Stop where training taught the model to: the stop tokens its run recorded.
+    stop_ids = run.stop_token_ids if fmt == run.prompt_format else None
+    tuned, base = evaluate_models(model, tok, prompts, features_by_hash, data.selected, cfg,
+                                  stop_ids=stop_ids)
 
     samples = sample_lines(cfg, data.selected, prompts, tuned, base)
     result = assemble_results(
