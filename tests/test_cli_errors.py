@@ -48,6 +48,29 @@ def _rows(prefix: str, n: int) -> str:
                    for i in range(n))
 
 
+def _chat_row() -> str:
+    return json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                    {"role": "assistant", "content": "Hello."},
+                                    {"role": "user", "content": "Bye?"},
+                                    {"role": "assistant", "content": "Bye."}]}) + "\n"
+
+
+def _turn(role: str, content: str = SECRET, key: str = "messages") -> dict:
+    return {"role": role, "content": content} if key == "messages" else \
+        {"from": role, "value": content}
+
+
+# Line 2 of each file: a malformed conversation whose turns hold the canary.
+BAD_CONVERSATIONS = {
+    "chat_order": {"messages": [_turn("user"), _turn("user"), _turn("assistant")]},
+    "chat_empty_turn": {"messages": [_turn("user"), _turn("assistant", " ")]},
+    "chat_no_assistant": {"messages": [_turn("system"), _turn("user")]},
+    "chat_unknown_role": {"messages": [_turn(SECRET), _turn("assistant")]},
+    "sharegpt_order": {"conversations": [_turn("gpt", key="sharegpt"),
+                                         _turn("human", key="sharegpt")]},
+}
+
+
 def write_safetensors(path: Path, n: int = 4) -> Path:
     """A small valid safetensors file, written by hand (no torch needed)."""
     header = json.dumps({"base_model.lora_A.weight": {"dtype": "F32", "shape": [n],
@@ -104,6 +127,9 @@ def ws(tmp_path, monkeypatch) -> Workspace:
     p["malformed"] = root / "malformed.jsonl"
     p["malformed"].write_text(_rows("m", 1) + '{"instruction": "' + SECRET + '", "response": "\n'
                               + _rows("m2", 1))
+    for name, turns in BAD_CONVERSATIONS.items():
+        p[name] = root / f"{name}.jsonl"
+        p[name].write_text(_chat_row() + json.dumps(turns) + "\n" + _chat_row())
     p["nope"] = root / "no_such_file.jsonl"
     p["cfg_unknown"] = root / "unknown_key.json"
     p["cfg_unknown"].write_text(json.dumps({"lora_rnak": 8}))
@@ -246,6 +272,17 @@ CASES = [
       "run without --skip-invalid"),
     C("dataset", "malformed-line", ["--dataset", "{malformed}", "--report"], 2,
       "{malformed}:2: truncated JSON", "--skip-invalid"),
+    C("dataset", "conversation-turn-order", ["--dataset", "{chat_order}", "--report"], 2,
+      "{chat_order}:2: 'messages'[1] is a user turn where a user turn must be followed by an "
+      "assistant turn", "--skip-invalid"),
+    C("dataset", "conversation-empty-turn", ["--dataset", "{chat_empty_turn}", "--report"], 2,
+      "{chat_empty_turn}:2: 'messages'[1] (assistant turn) is empty"),
+    C("dataset", "conversation-no-assistant", ["--dataset", "{chat_no_assistant}", "--report"],
+      2, "{chat_no_assistant}:2: 'messages' has no assistant turn"),
+    C("dataset", "conversation-unknown-role", ["--dataset", "{chat_unknown_role}", "--report"],
+      2, "{chat_unknown_role}:2: 'messages'[0] has an unknown role; use assistant, system, user"),
+    C("dataset", "sharegpt-turn-order", ["--dataset", "{sharegpt_order}", "--report"], 2,
+      "{sharegpt_order}:2: 'conversations'[0] is an assistant turn where the first turn"),
     C("dataset", "bad-field-map", ["--dataset", "{good}", "--field-map", "question"], 2,
       "--field-map 'question'", "is not SOURCE=TARGET"),
     C("dataset", "empty-golden", ["--dataset", "{good}", "--golden-set", "{empty}"], 2,
@@ -279,6 +316,9 @@ CASES = [
       "--golden-set {empty}: no valid examples"),
     C("pilot", "malformed-golden", ["--model-size", "135m", "--golden-set", "{malformed}",
                                     "--output-dir", "{new}"], 2, "{malformed}:2:"),
+    C("pilot", "conversation-golden", ["--model-size", "135m", "--golden-set",
+                                       "{chat_empty_turn}", "--output-dir", "{new}"], 2,
+      "{chat_empty_turn}:2: 'messages'[1] (assistant turn) is empty"),
     C("pilot", "golden-too-small", ["--model-size", "135m", "--golden-set", "{tiny}",
                                     "--output-dir", "{new}"], 2,
       "--golden-set {tiny}: 3 examples", "needs at least 4 and 2"),
@@ -320,6 +360,9 @@ CASES = [
       "--dataset {run} is a folder"),
     C("train", "missing-golden", TRAIN_IN + ["--golden-set", "{nope}"], 2,
       "--golden-set {nope}: file not found"),
+    C("train", "conversation-dataset", ["--model-size", "135m", "--dataset", "{chat_order}",
+                                        "--output-dir", "{new}"], 2,
+      "{chat_order}:2: 'messages'[1] is a user turn"),
     C("train", "empty-dataset", ["--model-size", "135m", "--dataset", "{empty}",
                                  "--output-dir", "{new}"], 2,
       "--dataset {empty}: no valid examples", "the file is empty"),
@@ -376,6 +419,9 @@ CASES = [
       "--dataset {empty}: no valid examples"),
     C("evaluate", "malformed-test-set", ["--adapter-path", "{adapter}", "--dataset",
                                          "{malformed}"], 2, "{malformed}:2: truncated JSON"),
+    C("evaluate", "conversation-test-set", ["--adapter-path", "{adapter}", "--dataset",
+                                            "{sharegpt_order}"], 2,
+      "{sharegpt_order}:2: 'conversations'[0] is an assistant turn"),
     C("evaluate", "missing-config", EVAL_IN + ["--config", "{nope}"], 2,
       "--config {nope}: file not found"),
     C("evaluate", "config-unknown-key", EVAL_IN + ["--config", "{cfg_eval_unknown}"], 2,
