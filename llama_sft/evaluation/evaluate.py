@@ -461,7 +461,8 @@ def sample_lines(cfg: EvalArgs, selected, prompts, tuned: PassResult,
     for i, (ex, prompt, gen, row) in enumerate(zip(selected, prompts, tuned.generations,
                                                    tuned.rows)):
         record: dict[str, Any] = {
-            "index": i, "id": ex.id, "category": ex.category, "prompt": prompt,
+            "index": i, "id": ex.id, "category": ex.category,
+            "assistant_turns": ex.assistant_turns, "prompt": prompt,
             "reference": ex.response, "generation": gen.text, "new_tokens": gen.new_tokens,
             "ended_with_eos": gen.ended_with_eos, "metrics": row["metrics"],
             "response_tokens": row["response_tokens"],
