@@ -34,9 +34,11 @@ Writes:
                       per-example metrics, response perplexity (and the base model's, with
                       --compare-base). Default: <output stem>_samples.jsonl beside --output.
 
-Metrics are defined in llama_metrics.py (exact match, token F1, ROUGE-L, BLEU, answer-regex
-exact match, JSON field accuracy, generated length, EOS rate). Response perplexity is the
-teacher-forced loss on the reference response tokens (and EOS) only, prompt tokens excluded.
+Metrics are defined in llama_sft/evaluation/metrics.py (exact match, token F1, ROUGE-L, BLEU,
+answer-regex exact match, JSON field accuracy, generated length, EOS rate: the share of
+generations that ended at a stop token). Response perplexity is the teacher-forced loss on the
+reference response tokens (and the turn end) only, prompt tokens excluded. A conversation is
+evaluated on its last assistant turn, generated from the history before it.
 --num-samples N takes the first N of a fixed order: round-robin over categories, each category
 in content-hash order, so a small N still covers every category and is the same on every run.
 An --output (or samples file) holding the results of another evaluation (another adapter, base

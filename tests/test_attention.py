@@ -1,4 +1,5 @@
-"""llama_attention's "sdpa_recompute": the same attention as SDPA, values and gradients."""
+"""llama_sft.modeling.attention's "sdpa_recompute": the same attention as SDPA, values and
+gradients."""
 
 from __future__ import annotations
 

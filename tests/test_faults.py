@@ -4,7 +4,7 @@ Every kill is real: llama_train.py runs in a child process and gets SIGKILL / SI
 from here; the runs that need no kill (the reference, the resumes, the non-finite and
 out-of-memory runs) go through llama_train.main in this process, which is faster. Faults that
 cannot be caused from outside (a slow save, a non-finite loss, running out of memory) come from
-the test-only environment hooks documented in llama_trainer.FaultInjection.
+the test-only environment hooks documented in llama_sft.training.faults.FaultInjection.
 
 All runs share one configuration (8 optimizer steps of 2 micro-batches of 4 rows, LoRA dropout
 0.1, a checkpoint every 2 steps, at most 1 kept; 37 training rows, so step 8 is mid-epoch 2) and

@@ -1,5 +1,5 @@
-"""llama_metrics: every metric on hand-checked examples, answer extraction, JSON field accuracy
-and aggregation. Expected values are worked out by hand in the comments."""
+"""llama_sft.evaluation.metrics: every metric on hand-checked examples, answer extraction, JSON
+field accuracy and aggregation. Expected values are worked out by hand in the comments."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def evaluation_order(examples: Sequence[Any]) -> list[Any]:
 def response_nll(model, tokenizer, features: Sequence[dict[str, Any]], *,
                  batch_size: int) -> list[tuple[float, int]]:
     """(summed NLL in nats, supervised token count) per tokenized example, teacher-forced on the
-    response tokens only (llama_loss.per_example_nll: the LM head runs on supervised positions
+    response tokens only (modeling.loss.per_example_nll: the LM head runs on supervised positions
     only)."""
     return per_example_nll(model, features, tokenizer.pad_token_id, batch_size=batch_size)
 
