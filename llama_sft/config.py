@@ -580,6 +580,47 @@ class ReportArgs(ModelArgs, DataArgs):
     """`llama_dataset.py`: the data flags and the model flags that decide tokenization."""
 
 
+@dataclass
+class ChatArgs:
+    """`llama_chat.py`: what to chat with, the conversation, and generation."""
+
+    adapter_path: str | None = _field(
+        None, "Adapter folder written by llama_train.py or llama_pilot.py (final_model/ or "
+        "checkpoint-*/), or a package archive NAME.tar.gz written by llama_package.py (checked "
+        "and extracted as --verify does). Its run_config.json supplies the base model, prompt "
+        "format and stop tokens.")
+    model: str | None = _field(None, "A model folder without an adapter: the merged model "
+                               "llama_package.py --merge writes (NAME-merged/), or any local "
+                               "transformers folder.")
+    base_model: str | None = _field(None, "Hub id, local folder or 'smollm2-135m'. Default: from "
+                                    "the adapter's run_config.json; alone, chat with this base "
+                                    "model.")
+    model_size: str | None = _field(None, "Model size (135m: the embedded CPU model). Default: "
+                                    "from the adapter's run_config.json; alone, chat with this "
+                                    "size's base model.", choices=tuple(MODEL_SPECS))
+    prompt_format: str | None = _field(None, "Prompt format: chat, instruction or auto. Default: "
+                                       "the one the adapter was trained with (run_config.json), "
+                                       "else auto.", choices=("auto", "chat", "instruction"))
+    system: str | None = _field(None, "System turn at the start of the conversation (/system "
+                                "TEXT changes it in the chat).")
+    prompt: str | None = _field(None, "Answer this one message and exit ('-': read it from "
+                                "stdin). Without it, chat interactively.")
+    max_new_tokens: int = _field(256, "Most tokens per answer.")
+    do_sample: bool = _field(False, "Sample instead of greedy decoding.")
+    temperature: float = _field(0.7, "Sampling temperature (with --do-sample).")
+    top_p: float = _field(0.9, "Nucleus sampling threshold (with --do-sample).")
+    seed: int = _field(42, "Random seed for sampling.")
+    context_length: int | None = _field(None, "Most tokens of conversation + answer; beyond it "
+                                        "the earliest exchanges are dropped (the system turn "
+                                        "stays). Default: the model's max_position_embeddings.")
+    dtype: str = _field("auto", "Weights and compute dtype: auto (float32 on a CPU, bf16/fp16 on "
+                        "a GPU), float32, bfloat16 or float16.",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    use_4bit: bool = _field(False, "Load the base model in 4-bit NF4 (as QLoRA trained it).")
+    use_8bit: bool = _field(False, "Load the base model in 8-bit.")
+    trust_remote_code: bool = _field(False, "Allow the model folder's own Python code to run.")
+
+
 def choose_model(args: argparse.Namespace) -> str:
     """Fill in --model-size when neither it nor --base-model was given; returns the reason."""
     given = vars(args)

@@ -29,13 +29,15 @@ MAIN_FLAGS = {
     "llama_evaluate.py": ["--base-model", "--adapter-path", "--dataset", "--output",
                           "--num-samples", "--use-4bit"],
     "llama_package.py": ["--adapter-path", "--base-model", "--model-size", "--output-dir"],
+    "llama_chat.py": ["--adapter-path", "--model", "--base-model", "--model-size", "--prompt",
+                      "--system", "--max-new-tokens", "--do-sample"],
 }
 HEAVY_MODULES = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
                  "wandb", "safetensors", "numpy", "tokenizers", "huggingface_hub"}
 
 
 STAGE_SCRIPTS = ["llama_config.py", "llama_dataset.py", "llama_model.py", "llama_pilot.py",
-                 "llama_train.py", "llama_evaluate.py", "llama_package.py"]
+                 "llama_train.py", "llama_evaluate.py", "llama_package.py", "llama_chat.py"]
 MAIN_GUARD = re.compile(r"""^if __name__ == ["']__main__["']:""", re.M)
 
 

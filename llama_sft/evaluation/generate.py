@@ -25,7 +25,7 @@ class Generation:
     ended_with_eos: bool  # stopped at one of the model's stop tokens (turn end or EOS)
 
 
-def _generation_kwargs(*, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+def generation_kwargs(*, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
                        pad: int, stop_ids: list[int]) -> dict[str, Any]:
     # eos_token_id as the whole list: one id would override the model's own list (Llama 3's
     # generation_config stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>).
@@ -102,7 +102,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         bar = tqdm(total=len(enc), desc="generating", unit="ex", dynamic_ncols=True)
     generated_tokens = 0
     t0 = time.perf_counter()
-    gen_kwargs = _generation_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
+    gen_kwargs = generation_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_p=top_p, pad=pad,
                                     stop_ids=stop_ids)
     if do_sample:
