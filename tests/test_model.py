@@ -323,7 +323,8 @@ def _remote_code_folder(tiny_llama_dir, folder: Path, model_type: str, marker: P
     return folder
 
 
-def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llama_dir, tmp_path):
+def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llama_dir, tmp_path,
+                                                                      tokenizer):
     """RELIABILITY item 14: trust_remote_code is off unless the user passes the flag (the
     folder's own code never runs), and the choice is recorded in the run config and in the
     package metadata."""
@@ -367,7 +368,8 @@ def test_guarantee_14_remote_code_is_refused_without_trust_remote_code(tiny_llam
     for flag in (False, True):
         run_cfg = make_run_config(
             TrainArgs(model_size="135m", trust_remote_code=flag), stage="train",
-            base_model="smollm2-135m", prompt_format="chat", dataset_info={})
+            base_model="smollm2-135m", tokenizer=tokenizer, prompt_format="chat",
+            dataset_info={})
         assert run_cfg.trust_remote_code is flag
         meta = build_metadata(
             name="x", created="now", base_model="smollm2-135m", model_size="135m",
