@@ -5,7 +5,7 @@ Regenerate (byte-identical for the same arguments):
 
     python3 sft_output/make_sample_data.py
     python3 sft_output/make_sample_data.py --output-dir sft_output --num-examples 3000 \
-        --golden-size 150 --seed 0
+        --golden-size 150 --seed 0 --num-chats 200 --num-sharegpt 100
 
 Writes two JSONL files (one JSON object per line, keys: id, category, instruction,
 context, response):
@@ -19,6 +19,21 @@ Categories: closed_qa, classification, information_extraction, rewriting,
 summarization, math. Every response is short, terse and fully determined by the
 instruction + context (exact span, bare label, compact JSON, rewritten text,
 template summary, or a worked answer ending in "#### <integer>").
+
+It also writes two multi-turn chat files, from a random stream of their own (so the two
+files above are byte-identical with or without them):
+
+  chat_multiturn.jsonl   conversations in the "messages" schema: {"messages": [{"role":
+                         "system"|"user"|"assistant", "content": ...}, ...], "category",
+                         "id"}; an optional system turn, 1-4 user/assistant exchanges,
+                         always ending with the assistant; later turns act on earlier
+                         answers ("Now double it.", "Say that in upper case.")
+  sharegpt_sample.jsonl  the same kinds of conversation in the ShareGPT schema:
+                         {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]};
+                         no conversation opens with the same user turn as one in
+                         chat_multiturn.jsonl
+
+Chat categories: arithmetic, shopping, list_ops, passage_qa, review, dates, names.
 
 Standard library only.
 """
@@ -638,6 +653,223 @@ def gen_math(rng, i):
     assert ans > 0
     return row(rng.choice(MATH_INSTR), q, "\n".join(steps + [f"#### {ans}"]), ("math", q))
 
+# ----------------------------------------------------------------------------- multi-turn chats
+# Conversations whose later user turns refer to earlier answers ("now double it", "say that in
+# upper case"). Every assistant turn is terse and fully determined by the conversation so far.
+CHAT_SYSTEMS = ["You are a concise assistant. Answer with the result only.",
+                "You are a helpful assistant. Keep every answer as short as possible.",
+                "Answer tersely. No explanations.",
+                "You are a careful assistant that follows formatting instructions exactly."]
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+        "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_words(x):
+    """0..99 in English words: 42 -> 'forty-two'."""
+    if x < 20:
+        return ONES[x]
+    tens, ones = divmod(x, 10)
+    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
+
+
+def arith_followups(rng, x, last):
+    """(question, new value) pairs that act on the previous answer x."""
+    k = rng.randint(2, 9)
+    opts = [("Now double it.", 2 * x), (f"Add {k} to that.", x + k),
+            (f"Now add {k}.", x + k)]
+    if x * k < 5000:
+        opts.append((f"Multiply that by {k}.", x * k))
+    if x > k:
+        opts += [(f"Subtract {k} from it.", x - k), (f"Now take away {k}.", x - k)]
+    if x % 2 == 0:
+        opts.append(("Now halve it.", x // 2))
+    if last and x < 100:
+        opts.append(("Say that number in words.", number_words(x)))
+    if last:
+        opts.append(("Is that number even or odd? One word.", "even" if x % 2 == 0 else "odd"))
+    return opts
+
+
+def chat_arith(rng, n):
+    if rng.random() < 0.6:
+        a, b = rng.randint(3, 60), rng.randint(2, 40)
+        x, expr = a + b, f"{a} + {b}"
+    else:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        x, expr = a * b, f"{a} * {b}"
+    first = rng.choice([f"What is {expr}?", f"Compute {expr}.", f"Calculate {expr}. Reply with "
+                        "the number only.", f"What does {expr} equal?"])
+    steps = [(first, str(x))]
+    while len(steps) < n:
+        q, x = rng.choice(arith_followups(rng, x, len(steps) == n - 1))
+        steps.append((q, str(x)))
+    return steps
+
+
+def chat_shopping(rng, n):
+    name, (item, lo, hi) = rng.choice(FIRST), rng.choice(ITEMS)
+    k, m, p = rng.randint(2, 6), rng.randint(1, 3), rng.randint(lo, hi)
+    total, total2 = k * p, (k + m) * p
+    bill = min(b for b in (20, 50, 100, 200) if b > total2)
+    change = bill - total2
+    if change % 2 == 0:
+        fourth = ("Split that change equally between 2 friends. How much does each get?",
+                  str(change // 2))
+    else:
+        fourth = ("Is that change more than $10? Answer yes or no.", "yes" if change > 10 else "no")
+    steps = [(f"{name} buys {k} {item} at ${p} each. What is the total cost in dollars?", str(total)),
+             (rng.choice([f"{name} then buys {m} more at the same price. What is the new total?",
+                          f"Add {m} more {item} to the order. New total in dollars?"]), str(total2)),
+             (f"How much change does {name} get from a ${bill} bill?", str(change)), fourth]
+    return steps[:n]
+
+
+def alpha_key(text):
+    """Dictionary order, accents folded: "Müller" sorts before "Murphy"."""
+    return ascii_slug(text), text
+
+
+def list_followups(items, last):
+    """(question, answer, new list) triples that act on the current list."""
+    opts = [("Sort them alphabetically.", None, sorted(items, key=alpha_key)),
+            ("Reverse the order.", None, items[::-1])]
+    if len(items) > 2:
+        opts += [("Remove the last one.", None, items[:-1]), ("Drop the first one.", None, items[1:])]
+    if last:
+        opts += [("Which one comes first now?", items[0], items),
+                 ("How many are there now?", str(len(items)), items),
+                 ("Say the last one in upper case.", items[-1].upper(), items)]
+    return opts
+
+
+def chat_list(rng, n):
+    group = rng.choice(sorted(LIST_ITEMS))
+    items = rng.sample(LIST_ITEMS[group], rng.randint(3, 5))
+    first = rng.choice([f"Here are some {group}: {', '.join(items)}. How many are there?",
+                        f"Count the items in this list: {', '.join(items)}."])
+    steps = [(first, str(len(items)))]
+    while len(steps) < n:
+        q, ans, items = rng.choice(list_followups(items, len(steps) == n - 1))
+        steps.append((q, ans if ans is not None else ", ".join(items)))
+    return steps
+
+
+def chat_passage(rng, n):
+    first, last, full = person(rng)
+    city, city2 = rng.sample(CITIES, 2)
+    year, field, uni = rng.randint(1950, 1995), rng.choice(FIELDS), rng.choice(UNIVERSITIES)
+    ctx = (f"{full} was born in {city} in {year}. {last} studied {field} at {uni} and now lives "
+           f"in {city2}.")
+    third = rng.choice([(f"What did {last} study?", field), (f"Where does {last} live now?", city2),
+                        (f"Which university did {first} attend?", uni)])
+    steps = [(rng.choice([f"Read this: {ctx}\n\nWhere was {first} born?",
+                          f"{ctx}\n\nIn which city was {last} born? Answer with the city only."]), city),
+             (rng.choice(["And in what year?", "In which year was that?"]), str(year)), third,
+             ('Now give the birth city and year as JSON with the keys "city" and "year".',
+              jdump({"city": city, "year": year}))]
+    return steps[:n]
+
+
+def chat_review(rng, n):
+    label = rng.choice(["positive", "negative", "neutral"])
+    pool = REVIEW[label][0]
+    ptype, name = product(rng)
+    slots = dict(ptype=ptype, name=name, aspect=rng.choice(PRODUCTS[ptype]),
+                 dur=rng.choice(["two weeks", "a month", "three months", "half a year", "a year"]))
+    ctx = " ".join(s.format(**slots) for s in [pool[0]] + rng.sample(pool[1:], 2))
+    steps = [(f"Classify the sentiment of this review as positive, negative or neutral.\n\n{ctx}",
+              label),
+             (rng.choice(["Say that in upper case.", "Repeat the label in capital letters."]),
+              label.upper()),
+             ("Which product is the review about?", f"{name} {ptype}"),
+             ("Give the label as a number: 1 for positive, 0 for neutral, -1 for negative.",
+              {"positive": "1", "neutral": "0", "negative": "-1"}[label])]
+    return steps[:n]
+
+
+def chat_date(rng, n):
+    d = rand_date(rng)
+    steps = [(rng.choice([f"Convert {fmt_date(d, rng.randrange(6))} to ISO format (YYYY-MM-DD).",
+                          f"Write {fmt_date(d, rng.randrange(6))} as YYYY-MM-DD."]), d.isoformat())]
+    while len(steps) < n:
+        k = rng.randint(1, 30)
+        days = f"{k} day" + ("s" if k > 1 else "")
+        later, earlier = d + dt.timedelta(days=k), d - dt.timedelta(days=k)
+        q, ans, d = rng.choice([
+            (f"Add {days} to it. Give the ISO date.", later.isoformat(), later),
+            (f"What date is {days} earlier? Use ISO format.", earlier.isoformat(), earlier),
+            ("What day of the week is that?", WEEKDAYS[d.weekday()], d),
+            ("Which month is that in? One word.", MONTHS[d.month - 1], d),
+            ("Now write it as DD/MM/YYYY.", f"{d.day:02d}/{d.month:02d}/{d.year}", d)])
+        steps.append((q, ans))
+    return steps
+
+
+def chat_names(rng, n):
+    people, count = [], rng.choice([1, 2, 2, 3])
+    while len(people) < count:
+        p = person(rng)
+        if p[1] not in {q[1] for q in people}:
+            people.append(p)
+    fulls = "; ".join(full for _, _, full in people)
+    lead = ('Rewrite this name as "LAST, First": ' if len(people) == 1 else
+            'Rewrite these names as "LAST, First", separated by semicolons: ')
+    steps = [(lead + fulls, "; ".join(f"{last.upper()}, {first}" for first, last, _ in people)),
+             ("Now give only the initials, like M.L., separated by semicolons.",
+              "; ".join(f"{first[0]}.{last[0]}." for first, last, _ in people)),
+             ("How many people is that?", str(len(people))),
+             ("Which surname comes first alphabetically?",
+              min((last for _, last, _ in people), key=alpha_key))]
+    return steps[:n]
+
+
+CHAT_GENERATORS = [("arithmetic", "arith", chat_arith), ("shopping", "shop", chat_shopping),
+                   ("list_ops", "list", chat_list), ("passage_qa", "qa", chat_passage),
+                   ("review", "rev", chat_review), ("dates", "date", chat_date),
+                   ("names", "name", chat_names)]
+
+
+def build_chats(rng, total, id_fmt, seen):
+    """`total` conversations (1-4 exchanges, about 40% with a system turn) whose first user turn
+    is not in `seen` (which is updated), categories in turn, then shuffled."""
+    rows = []
+    for j in range(total):
+        cat, prefix, gen = CHAT_GENERATORS[j % len(CHAT_GENERATORS)]
+        for _attempt in range(1000):
+            steps = gen(rng, rng.choice([1, 2, 2, 3, 3, 4, 4]))
+            if steps[0][0] not in seen:
+                break
+        else:
+            raise RuntimeError(f"could not generate enough unique {cat} conversations")
+        seen.add(steps[0][0])
+        messages = []
+        if rng.random() < 0.4:
+            messages.append({"role": "system", "content": rng.choice(CHAT_SYSTEMS)})
+        for user, assistant in steps:
+            messages += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]
+        rows.append({"messages": messages, "category": cat,
+                     "id": id_fmt.format(prefix=prefix, n=j)})
+    rng.shuffle(rows)
+    return rows
+
+
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def to_sharegpt(row):
+    return {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]}
+                              for m in row["messages"]]}
+
+
+def check_chat(messages):
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    assert body and body == ["user", "assistant"] * (len(body) // 2), roles
+    assert all(isinstance(m["content"], str) and m["content"].strip() for m in messages), messages
+
 # ----------------------------------------------------------------------------- assembly
 CATEGORIES = [("closed_qa", "cqa", gen_closed_qa), ("classification", "cls", gen_classification),
               ("information_extraction", "ie", gen_extraction), ("rewriting", "rw", gen_rewriting),
@@ -690,6 +922,8 @@ def main(argv=None):
     ap.add_argument("--num-examples", type=int, default=3000)
     ap.add_argument("--golden-size", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-chats", type=int, default=200)
+    ap.add_argument("--num-sharegpt", type=int, default=100)
     args = ap.parse_args(argv)
 
     rng = random.Random(args.seed)
@@ -710,6 +944,27 @@ def main(argv=None):
     write_jsonl_atomic(os.path.join(args.output_dir, "golden_set.jsonl"), golden)
     print(f"wrote {len(data)} rows to sft_dataset.jsonl and {len(golden)} rows to golden_set.jsonl "
           f"in {args.output_dir}")
+    write_chats(args)
+
+
+def write_chats(args):
+    """The multi-turn files, from their own random stream (the rows above are unaffected)."""
+    chat_rng, seen = random.Random(f"multi-turn chats {args.seed}"), set()
+    chats = build_chats(chat_rng, args.num_chats, "chat-{prefix}-{n:03d}", seen)
+    shared = [to_sharegpt(r) for r in build_chats(chat_rng, args.num_sharegpt, "{prefix}-{n}", seen)]
+
+    firsts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in chats]
+    firsts += [next(t["value"] for t in r["conversations"] if t["from"] == "human") for r in shared]
+    assert len(firsts) == len(set(firsts)), "a conversation opens the same way twice"
+    assert len({r["id"] for r in chats}) == len(chats), "duplicate ids"
+    for r in chats:
+        assert list(r) == ["messages", "category", "id"], r
+        check_chat(r["messages"])
+
+    write_jsonl_atomic(os.path.join(args.output_dir, "chat_multiturn.jsonl"), chats)
+    write_jsonl_atomic(os.path.join(args.output_dir, "sharegpt_sample.jsonl"), shared)
+    print(f"wrote {len(chats)} conversations to chat_multiturn.jsonl and {len(shared)} to "
+          f"sharegpt_sample.jsonl in {args.output_dir}")
 
 
 if __name__ == "__main__":
