@@ -9,9 +9,17 @@ Print the resolved config and hardware requirements for a size:
     python3 llama_config.py --model-size 70b
     python3 llama_config.py --model-size 7b --config ./sft_output/training_config.json --batch-size 8
 
+Sizes: Llama 2 7b, 13b, 70b; Llama 3.x llama3-1b, llama3-3b (3.2), llama3-8b, llama3-70b (3.1),
+each also as <size>-instruct (llama3-70b-instruct is Llama 3.3 70B Instruct); 135m, the
+embedded CPU model. The header names the hub id and the architecture (layers, hidden size,
+attention and KV heads, vocabulary):
+
+    python3 llama_config.py --model-size llama3-8b-instruct
+
 Estimate GPU memory for full fine-tuning, LoRA and QLoRA, and check it against the GPUs found:
 
     python3 llama_config.py --model-size 13b --estimate
+    python3 llama_config.py --model-size llama3-8b --estimate
 """
 
 from __future__ import annotations

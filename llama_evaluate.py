@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         EVAL_DATA_FLAGS,
         EVAL_FLAG_HELP,
         EVAL_MODEL_FLAGS,
+        MODEL_SPECS,
         DataArgs,
         EvalArgs,
         ModelArgs,
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-model", dest="base_model", default=argparse.SUPPRESS,
                    help=EVAL_FLAG_HELP["base_model"])
     g.add_argument("--model-size", dest="model_size", default=argparse.SUPPRESS,
-                   choices=("7b", "13b", "70b", "135m"), help=EVAL_FLAG_HELP["model_size"])
+                   choices=tuple(MODEL_SPECS), help=EVAL_FLAG_HELP["model_size"])
     g.add_argument("--prompt-format", dest="prompt_format", default=argparse.SUPPRESS,
                    choices=("auto", "chat", "instruction"), help=EVAL_FLAG_HELP["prompt_format"])
     g.add_argument("--max-length", dest="max_length", type=int, default=argparse.SUPPRESS,

