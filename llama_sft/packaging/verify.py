@@ -21,6 +21,8 @@ from llama_sft.layout import METADATA, REQUIRED_MEMBERS, SUMS, RunConfig
 from llama_sft.modeling.load import load_for_inference
 from llama_sft.packaging.archive import check_member, read_sums
 from llama_sft.packaging.metadata import versions_of
+from llama_sft.packaging.modelfile import MODELFILE
+from llama_sft.packaging.vllm_check import check_vllm_adapter, format_vllm_results
 
 logger = logging.getLogger("llama_sft")
 
@@ -215,9 +217,39 @@ def compare_with_reference(reference: dict[str, Any] | None, prompt: str, text: 
     return matches
 
 
+def report_vllm(folder: Path) -> bool:
+    """Print each vLLM rule for the extracted adapter; a failing one is a warning line, not a
+    failed verification (the package is still a valid peft adapter). Returns the verdict."""
+    results = check_vllm_adapter(folder)
+    for line in format_vllm_results(results):
+        print(line)
+    failed = [r.rule for r in results if not r.passed]
+    if failed:
+        print(f"warning: vLLM would not load this adapter as is ({', '.join(failed)}); "
+              "the package itself verified")
+    return not failed
+
+
+def check_modelfile(archive: Path, folder: Path) -> None:
+    """A packaged Modelfile must name a GGUF file that is in the package."""
+    path = folder / MODELFILE
+    if not path.is_file():
+        return
+    sources = [line.split(None, 1)[1].strip() for line in path.read_text(encoding="utf-8")
+               .splitlines() if line.upper().startswith("FROM ") and len(line.split(None, 1)) == 2]
+    for source in sources:
+        name = source[2:] if source.startswith("./") else source
+        if "/" in name or not (folder / name).is_file():
+            raise VerifyError(f"{archive.name}: {MODELFILE} says FROM {source}, which is not a "
+                              "file of the package")
+    print(f"{MODELFILE}: FROM {', '.join(sources)} present")
+
+
 def _verify_extracted(cfg: PackageArgs, archive: Path, folder: Path, archive_sha: str) -> dict[str, Any]:
     sums = check_sums(archive, folder)
     meta = read_metadata(folder, sums)
+    check_modelfile(archive, folder)
+    vllm_ready = report_vllm(folder)
     model, tok, run = load_packaged(cfg, folder)
     fmt = resolve_prompt_format(tok, run.prompt_format or "auto")
     prompt = render_prompt(tok, fmt, VERIFY_INSTRUCTION, "")
@@ -231,5 +263,5 @@ def _verify_extracted(cfg: PackageArgs, archive: Path, folder: Path, archive_sha
                                      dtype=dtype, device=device)
     return {"archive": str(archive), "archive_sha256": archive_sha, "files_checked": len(sums),
             "prompt": prompt, "generation": gen.text, "matches_reference": matches,
-            "base_model": cfg.base_model or run.base_model,
+            "base_model": cfg.base_model or run.base_model, "vllm_ready": vllm_ready,
             "extracted_to": str(folder) if cfg.extract_to else None}
