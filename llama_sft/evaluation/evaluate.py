@@ -31,7 +31,7 @@ from llama_sft.data.prompts import generation_prompt, resolve_prompt_format
 from llama_sft.data.splits import dataset_hash
 from llama_sft.data.tokenize import tokenize_examples
 from llama_sft.errors import ConfigError, ModelLoadError
-from llama_sft.evaluation.generate import Generation, generate
+from llama_sft.evaluation.generate import Generation, generate, run_stop_ids
 from llama_sft.evaluation.metrics import (
     aggregate,
     compile_answer_regex,
@@ -49,7 +49,7 @@ from llama_sft.files import (
 )
 from llama_sft.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunConfig
 from llama_sft.modeling.load import (
-    best_dtype,
+    inference_dtype,
     load_for_inference,
     read_run_config,
     resolve_base_model,
@@ -246,20 +246,6 @@ def response_nll(model, tokenizer, features: Sequence[dict[str, Any]], *,
     return per_example_nll(model, features, tokenizer.pad_token_id, batch_size=batch_size)
 
 
-def eval_dtype(name: str):
-    """--dtype auto: float32 on a CPU, the best half precision on a GPU.
-
-    On a CPU, bf16 greedy decoding is not batch-invariant: rounding differs with the padded
-    batch shape, and near-tied logits then pick other tokens (measured here on the embedded
-    model: 5 of 6 texts equal between --batch-size 16 and 1 in bf16, 6 of 6 in fp32), and fp32
-    batched generation was not slower on a 2-core CPU (small per-token matmuls)."""
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    return best_dtype("cuda") if torch.cuda.is_available() else torch.float32
-
-
 def _adapter_config_problem(adapter_path: str) -> str | None:
     try:
         cfg = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
@@ -280,7 +266,7 @@ def load_for_evaluation(cfg: EvalArgs, base_model_flag: str | None):
         model, tok, _ = load_for_inference(
             adapter_path=cfg.adapter_path, base_model=base_model_flag, model_size=cfg.model_size,
             use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
-            trust_remote_code=cfg.trust_remote_code, dtype=eval_dtype(cfg.dtype))
+            trust_remote_code=cfg.trust_remote_code, dtype=inference_dtype(cfg.dtype))
     except ModelLoadError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
@@ -576,8 +562,7 @@ def run_evaluate(cfg: EvalArgs) -> dict[str, Any]:
     model, tok = load_for_evaluation(cfg, base_model_flag)
     load_seconds = time.perf_counter() - t0
     fmt, prompts, features_by_hash = prepare_inputs(tok, cfg, data.selected)
-    # Stop where training taught the model to: the stop tokens its run recorded.
-    stop_ids = run.stop_token_ids if fmt == run.prompt_format else None
+    stop_ids = run_stop_ids(run, fmt, model, tok)
     tuned, base = evaluate_models(model, tok, prompts, features_by_hash, data.selected, cfg,
                                   stop_ids=stop_ids)
 

@@ -75,6 +75,14 @@ def model_stop_ids(model, tokenizer) -> list[int]:
     return stop_token_ids(tokenizer, fmt, getattr(model, "generation_config", None))
 
 
+def run_stop_ids(run, prompt_format: str, model, tokenizer) -> list[int]:
+    """Stop where training taught the model to: the stop tokens its run recorded
+    (RunConfig.stop_token_ids) when it is prompted in the run's own format, else the model's."""
+    if run.stop_token_ids and prompt_format == run.prompt_format:
+        return list(run.stop_token_ids)
+    return model_stop_ids(model, tokenizer)
+
+
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, progress: bool = False,

@@ -31,9 +31,9 @@ from typing import Any, TextIO
 from llama_sft.config import ChatArgs, PackageArgs, raise_problems
 from llama_sft.data.prompts import render_conversation, resolve_prompt_format
 from llama_sft.errors import BadInput, ModelLoadError, PackageError, VerifyError
-from llama_sft.evaluation.generate import generation_kwargs, model_stop_ids
+from llama_sft.evaluation.generate import generation_kwargs, run_stop_ids
 from llama_sft.layout import ADAPTER_CONFIG, RUN_CONFIG, RunConfig, SchemaError
-from llama_sft.modeling.load import best_dtype, load_for_inference, resolve_base_model
+from llama_sft.modeling.load import inference_dtype, load_for_inference, resolve_base_model
 from llama_sft.packaging.verify import (
     check_archive_file,
     check_sums,
@@ -132,15 +132,6 @@ def open_package(archive: Path) -> tuple[Path, Path]:
     return dest, dest / top
 
 
-def chat_dtype(name: str):
-    """--dtype auto: float32 on a CPU (as llama_evaluate.py), the best half precision on a GPU."""
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    return best_dtype("cuda") if torch.cuda.is_available() else torch.float32
-
-
 @dataclass
 class ChatModel:
     """What a conversation runs on: the model, its tokenizer and how to prompt and stop it."""
@@ -172,7 +163,7 @@ def _load(cfg: ChatArgs, *, adapter: str | None, model_dir: Path | None,
         model, tok, run_cfg = load_for_inference(
             adapter_path=adapter, base_model=str(model_dir) if model_dir else cfg.base_model,
             model_size=cfg.model_size, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
-            trust_remote_code=cfg.trust_remote_code, dtype=chat_dtype(cfg.dtype))
+            trust_remote_code=cfg.trust_remote_code, dtype=inference_dtype(cfg.dtype))
     except ModelLoadError:
         raise
     except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
@@ -180,9 +171,7 @@ def _load(cfg: ChatArgs, *, adapter: str | None, model_dir: Path | None,
         raise ModelLoadError(f"could not load {description}: {first}") from None
     run = _run_config_of(model_dir) if model_dir else RunConfig.from_dict(run_cfg)
     fmt = resolve_prompt_format(tok, cfg.prompt_format or run.prompt_format or "auto")
-    # Stop where training taught the model to: the stop tokens its run recorded.
-    stop_ids = (list(run.stop_token_ids) if run.stop_token_ids and fmt == run.prompt_format
-                else model_stop_ids(model, tok))
+    stop_ids = run_stop_ids(run, fmt, model, tok)
     limit = (cfg.context_length or getattr(model.config, "max_position_embeddings", None)
              or run.max_length or 2048)
     return ChatModel(model=model, tokenizer=tok, prompt_format=fmt, stop_ids=stop_ids,

@@ -44,6 +44,7 @@ from llama_sft.layout import (
 )
 from llama_sft.modeling.load import (
     ensure_pad_token,
+    inference_dtype,
     load_model,
     load_tokenizer,
     read_run_config,
@@ -177,22 +178,12 @@ def find_eval_results(cfg: PackageArgs, adapter: Path, adapter_sha: str) -> tupl
     return None
 
 
-def _merge_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
-
-
 def merge_adapter(adapter: Path, base_model: str, dest: Path, *, dtype_name: str,
                   trust_remote_code: bool, tokenizer) -> dict[str, Any]:
     """Load the base unquantized, apply the adapter, merge_and_unload, save safetensors."""
     from peft import PeftModel
 
-    dtype = _merge_dtype(dtype_name)
+    dtype = inference_dtype(dtype_name)
     logger.info("merging the adapter into %s (%s, unquantized)", base_model, dtype)
     model = load_model(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
@@ -320,17 +311,23 @@ def stage_merged(cfg: PackageArgs, inputs: PackageInputs, staging: Path,
     info = merge_adapter(inputs.adapter, inputs.base_model, merged_stage,
                          dtype_name=cfg.merge_dtype, trust_remote_code=cfg.trust_remote_code,
                          tokenizer=tokenizer)
-    quantization = inputs.run.quantization
-    merge_info = {
+    return {
         "folder": merged_stage.name, "base_model": scrub_paths(inputs.base_model),
         "dtype": info["dtype"], "base_quantization": None,
-        "trained_quantization": quantization if quantization in ("4bit", "8bit") else None,
+        **qlora_record(inputs.run.quantization, info["dtype"]),
         "files": {p.name: sha256_file(p) for p in sorted(merged_stage.iterdir()) if p.is_file()},
     }
-    if merge_info["trained_quantization"]:
-        merge_info["note"] = (f"trained on a {merge_info['trained_quantization']} base "
-                              f"(QLoRA); merged into the unquantized {info['dtype']} base")
-    return merge_info
+
+
+def qlora_record(quantization: str | None, merge_dtype: str, then: str = "") -> dict[str, Any]:
+    """What a merge's metadata says of the base the adapter was trained on: a QLoRA adapter
+    (4-bit or 8-bit base) is merged into the unquantized base, and the note says so."""
+    trained = quantization if quantization in ("4bit", "8bit") else None
+    record: dict[str, Any] = {"trained_quantization": trained}
+    if trained:
+        record["note"] = (f"trained on a {trained} base (QLoRA); merged into the unquantized "
+                          f"{merge_dtype} base{then}")
+    return record
 
 
 def stage_gguf(cfg: PackageArgs, inputs: PackageInputs, stage: Path, tokenizer,
@@ -341,15 +338,12 @@ def stage_gguf(cfg: PackageArgs, inputs: PackageInputs, stage: Path, tokenizer,
 
     info = export_adapter_gguf(
         inputs.adapter, inputs.base_model, stage / f"{inputs.name}-{cfg.gguf}.gguf",
-        gguf_type=cfg.gguf, dtype=_merge_dtype(cfg.merge_dtype),
+        gguf_type=cfg.gguf, dtype=inference_dtype(cfg.merge_dtype),
         trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer,
         prompt_format=prompt_format, name=inputs.name)
-    quantization = inputs.run.quantization
     info["base_model"] = scrub_paths(inputs.base_model)
-    info["trained_quantization"] = quantization if quantization in ("4bit", "8bit") else None
-    if info["trained_quantization"]:
-        info["note"] = (f"trained on a {info['trained_quantization']} base (QLoRA); merged into "
-                        f"the unquantized {info['merge_dtype']} base, then written as {cfg.gguf}")
+    info.update(qlora_record(inputs.run.quantization, info["merge_dtype"],
+                             then=f", then written as {cfg.gguf}"))
     logger.info("GGUF %s: %.1f MB in %.1f s", info["file"], info["size_bytes"] / 1e6,
                 info["seconds"])
     return info
