@@ -98,13 +98,14 @@ class Encoder:
         return Encoded(ids=whole, spans=[(len(prompt), len(whole))])
 
     def _texts(self, ex: Example) -> list[str]:
-        """[whole render, then (prompt, prompt + turn) for each assistant turn]; for a
-        single-turn example in the instruction format, [prompt, response]."""
+        """(prompt, prompt + turn) for each assistant turn: a conversation ends with one, so
+        the last pair's second text is the whole render; for a single-turn example in the
+        instruction format, [prompt, response]."""
         if self._is_single_turn(ex):
             return [render_prompt(self.tokenizer, self.format, ex.instruction, ex.context),
                     ex.response]
         messages = ex.conversation()
-        texts = [render_conversation(self.tokenizer, self.format, messages)]
+        texts = []
         for k, message in enumerate(messages):
             if message["role"] == "assistant":
                 texts.append(render_conversation(self.tokenizer, self.format, messages[:k],
@@ -113,8 +114,8 @@ class Encoder:
         return texts
 
     def _spans(self, ex: Example, ids: list[list[int]]) -> Encoded:
-        whole, spans = ids[0], []
-        for turn, (prompt, through) in enumerate(zip(ids[1::2], ids[2::2]), start=1):
+        whole, spans = ids[-1], []
+        for turn, (prompt, through) in enumerate(zip(ids[0::2], ids[1::2]), start=1):
             if whole[:len(prompt)] != prompt or whole[:len(through)] != through:
                 raise DatasetError(self._mismatch(ex, turn))
             ends = [i for i, t in enumerate(through[len(prompt):]) if t in self.turn_end]
