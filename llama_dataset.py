@@ -5,6 +5,14 @@ Input: one JSON object per line with `instruction`, `context` (optional, may be 
 `output`), `prompt`/`completion`, chat `messages` (a list of {role, content}), and anything else
 through `--field-map 'question=instruction,answer=response'`.
 
+Tokenize once, ahead of training (llama_train.py then reads the cache: no tokenization):
+
+    python3 llama_dataset.py --dataset sft_output/sft_dataset.jsonl --model-size 135m \
+        --max-length 512 --prepare
+
+Inputs: .jsonl, a .json array, .parquet, .csv, a folder written by datasets' save_to_disk, or a
+hub dataset id (when the hub can be reached).
+
 Report on a dataset (counts, categories, token lengths, truncation, duplicates, splits):
 
     python3 llama_dataset.py --dataset sft_output/sft_dataset.jsonl --report
@@ -27,13 +35,17 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_sft.cli import ArgumentParser
-    from llama_sft.config import DataArgs, ModelArgs, add_dataclass_args
+    from llama_sft.config import CacheArgs, DataArgs, ModelArgs, add_dataclass_args
 
     p = ArgumentParser(prog="llama_dataset.py", description=__doc__)
     add_dataclass_args(p, DataArgs)
     add_dataclass_args(p, ModelArgs, only=("model_size", "base_model", "prompt_format",
                                            "max_length", "trust_remote_code"))
+    add_dataclass_args(p, CacheArgs)
     p.add_argument("--report", action="store_true", help="Print the dataset report.")
+    p.add_argument("--prepare", action="store_true", help="Validate and tokenize --dataset into "
+                   "the tokenized cache now (what llama_train.py would do before its first "
+                   "step) and print its key, size and path.")
     p.add_argument("--output", help="Write the report as JSON to this file (an earlier report "
                    "there is replaced; any other file is refused).")
     return p
@@ -48,13 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         args = build_parser().parse_args(argv)
         show, output = args.__dict__.pop("report"), args.__dict__.pop("output")
+        prepare = args.__dict__.pop("prepare")
         if "model_size" not in vars(args) and "base_model" not in vars(args):
             args.model_size = "135m"  # the report needs a tokenizer; the embedded one works offline
         cfg = resolve_config(ReportArgs, args)
         validate(cfg)
         # imported after the flags are checked: --help and bad flags load no torch
-        from llama_sft.data.report import format_report, run_report
+        from llama_sft.data.report import format_prepare, format_report, run_prepare, run_report
 
+        if prepare:
+            print(format_prepare(run_prepare(cfg)))
+            if not show and not output:
+                return 0
         report = run_report(cfg, output)
         if show or not output:
             print(format_report(report))

@@ -47,18 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status as llama_train.py's: 0 done, 2 bad input (also an --output-dir that already
-    holds a run), 1 training failed, 130/143 stopped by a signal; errors are one `error: ...`
-    line."""
+    holds a run, or that another live run holds), 1 training failed (a full disk included),
+    130/143 stopped by a signal; errors are one `error: ...` line."""
     from llama_sft.cli import run_cli, setup_logging
     from llama_sft.config import resolve_pilot_config
 
     def body() -> int:
         setup_logging()
         cfg, why = resolve_pilot_config(build_parser().parse_args(argv))
-        # imported after the flags are checked: --help and bad flags load no torch
-        from llama_sft.training.pilot import format_summary, run_pilot
+        from llama_sft.layout import PILOT_EVALUATION, RUN_OUTPUTS
+        from llama_sft.training.outputs import claim_output_dir
 
-        report = run_pilot(cfg, model_choice=why)
+        # One run per --output-dir (as llama_train.py): taken before torch loads.
+        with claim_output_dir(Path(cfg.output_dir), cfg.resume,
+                              RUN_OUTPUTS + (PILOT_EVALUATION,)):
+            # imported after the flags are checked: --help and bad flags load no torch
+            from llama_sft.training.pilot import format_summary, run_pilot
+
+            report = run_pilot(cfg, model_choice=why)
         if report.get("interrupted"):
             print(f"{report['status']} at step {report['global_step']}; a checkpoint is saved. "
                   f"Continue with: python3 llama_pilot.py ... --output-dir {cfg.output_dir} "

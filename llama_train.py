@@ -37,9 +37,14 @@ Output layout of --output-dir:
     train_results.json     steps, losses, perplexity, throughput, peak memory, status
     loss_curve.png         train and eval loss against step
 
+A live run holds a lock on --output-dir (.run.lock, removed when it ends): a second run into
+it, with or without --resume, is refused naming the first (pid, host, start, command); the lock
+of a run that was killed is taken over with a notice.
+
 Exit codes: 0 done; 2 bad input (flags, config, data, paths, an --output-dir that already
-holds a run, a resume refused; nothing is written then); 1 training failed (e.g. non-finite
-loss, out of memory);
+holds a run or that another live run holds, a resume refused; nothing is written then);
+1 training failed (e.g. non-finite loss, out of memory, a full disk: the partial save is
+removed, earlier checkpoints are kept, and --resume auto continues);
 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (resume with --resume auto). Every
 error is one `error: ...` message on stderr, never a traceback.
 """
@@ -47,6 +52,7 @@ error is one `error: ...` message on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
 
@@ -77,10 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         cfg = resolve_train_config(argv)
         log_overrides(cfg)
-        # imported after the flags are checked: --help and bad flags load no torch
-        from llama_sft.training.train import format_train_summary, run_train
+        from llama_sft.training.outputs import claim_output_dir
 
-        result = run_train(cfg)
+        # One run per --output-dir: taken before torch loads, so a refusal comes at once.
+        with claim_output_dir(Path(cfg.output_dir), cfg.resume):
+            # imported after the flags are checked: --help and bad flags load no torch
+            from llama_sft.training.train import format_train_summary, run_train
+
+            result = run_train(cfg)
         print(format_train_summary(result, cfg.output_dir))
         return result.get("exit_code", 0)
 

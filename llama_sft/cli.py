@@ -91,8 +91,46 @@ def _print_error(message: str, code: int) -> int:
     return code
 
 
+class _DropMessage(logging.Filter):
+    """Drops a third-party logger's records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# bitsandbytes 0.50 tries, at import on an AVX512-BF16 CPU, to fetch an optional hub kernel
+# (`kernels` package, network) and logs a warning when it cannot; it then uses its own
+# compiled CPU kernel for the same operation, so nothing is lost and nothing can be done.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_HUB_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def silence_known_noise() -> None:
+    """Filter the third-party messages a user cannot act on, each matched by its logger or
+    module and the start of its text (anything else still shows). Idempotent.
+
+    Not filtered: bitsandbytes' "an autograd kernel was not registered" UserWarning. It meant a
+    real fault (the gradient through 4-bit layers was dropped after an evaluation), fixed in
+    modeling/load.py keep_4bit_training_layout; if it shows again, it matters."""
+    import warnings
+
+    bnb_logger = logging.getLogger(_BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropMessage) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropMessage(_BNB_HUB_KERNEL))
+    # peft 0.21's PeftModel.__init__ reads transformers' deprecated alias
+    # `is_gradient_checkpointing` (same value as `is_activation_checkpointing`): peft's to fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning, module=r"transformers\.modeling_utils")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """One module logger; only rank 0 prints at INFO."""
+    """One module logger; only rank 0 prints at INFO. Known third-party noise is filtered
+    (silence_known_noise)."""
+    silence_known_noise()
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     if verbose:

@@ -259,7 +259,20 @@ class DataArgs:
 
 
 @dataclass
-class TrainArgs(ModelArgs, DataArgs):
+class CacheArgs:
+    """The tokenized dataset cache (data/cache.py)."""
+
+    cache_dir: str | None = _f(None, "Folder of the tokenized dataset cache: a dataset is "
+                               "tokenized once, then every run, resume and process reads it "
+                               "(default: $LLAMA_SFT_CACHE, else ~/.cache/llama_sft; the cache "
+                               "goes in its tokenized/ folder).")
+    num_proc: int | None = _f(None, "Processes that tokenize a dataset the cache does not hold "
+                              "yet (default: the CPU cores, at most 8; one for files under "
+                              "20,000 rows).")
+
+
+@dataclass
+class TrainArgs(CacheArgs, ModelArgs, DataArgs):
     output_dir: str = _f("./training_output", "Where checkpoints, logs and final_model/ go.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
@@ -492,7 +505,7 @@ def validate(cfg: Any) -> None:
     v = get("max_length")
     if v is not None and v < 16:
         problems.append(f"--max-length must be >= 16, got {v}")
-    for name in ("save_steps", "early_stopping_patience", "save_total_limit"):
+    for name in ("save_steps", "early_stopping_patience", "save_total_limit", "num_proc"):
         v = get(name)
         if v is not None and v < 1:
             problems.append(f"{_flag(name)} must be >= 1, got {v}")
@@ -528,15 +541,21 @@ def _range_problems(get) -> list[str]:
 
 def _path_problems(get) -> list[str]:
     problems: list[str] = []
+    from llama_sft.data.sources import FORMATS, source_kind
+
     for name in ("dataset", "golden_set"):
         path = get(name)
-        if path and Path(path).is_dir():
-            problems.append(f"{_flag(name)} {path} is a folder; pass a .jsonl file")
-        elif path and not Path(path).is_file():
+        kind = source_kind(path) if path else None
+        if kind == "disk" and not Path(path, "dataset_info.json").is_file() \
+                and not Path(path, "dataset_dict.json").is_file():
+            problems.append(f"{_flag(name)} {path} is a folder, but not one written by "
+                            f"datasets' save_to_disk; pass {FORMATS}")
+        elif kind == "missing":
             problems.append(f"{_flag(name)} {path}: file not found")
-    out = get("output_dir")
-    if out and (problem := output_dir_problem("--output-dir", out)):
-        problems.append(problem)
+    for name in ("output_dir", "cache_dir"):
+        out = get(name)
+        if out and (problem := output_dir_problem(_flag(name), out)):
+            problems.append(problem)
     res = get("resume")
     if res and res != "auto" and not Path(res).is_dir():
         problems.append(f"--resume {res}: no such checkpoint folder (use 'auto' or a "
@@ -660,7 +679,7 @@ EVAL_DATA_FLAGS = ("dataset", "field_map", "skip_invalid")
 
 
 @dataclass
-class ReportArgs(ModelArgs, DataArgs):
+class ReportArgs(CacheArgs, ModelArgs, DataArgs):
     """`llama_dataset.py`: the data flags and the model flags that decide tokenization."""
 
 

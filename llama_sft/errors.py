@@ -60,6 +60,10 @@ class RunSetupError(BadInput, RuntimeError):
     resume checkpoint is broken or from another config, flags that do not fit together)."""
 
 
+class OutputDirInUse(RunSetupError):
+    """Another live run holds the lock on --output-dir (training/lock.py); the message names it."""
+
+
 class PackageError(BadInput, ValueError):
     """Bad packaging input; the message says what to change."""
 
@@ -74,6 +78,11 @@ class NonFiniteLossError(TrainingError):
 
 class NonFiniteWeightsError(TrainingError):
     """A trainable tensor is NaN or inf at a checkpoint: the checkpoint is not written."""
+
+
+class DiskFullError(RunFailed, RuntimeError):
+    """A write ran out of disk space or quota: the partial output was removed, what was written
+    before is intact, and the message says how much space is needed and what to change."""
 
 
 class VerifyError(RunFailed, RuntimeError):

@@ -1,13 +1,16 @@
-"""Files on disk: sha256, atomic writes, the one manifest format (write / verify), and checks on
-paths given on the command line (each returns a problem or None)."""
+"""Files on disk: sha256, atomic writes, the one manifest format (write / verify), checks on
+paths given on the command line (each returns a problem or None), and how a full disk is told
+apart from other write errors and explained (is_disk_full, disk_full_message)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # The manifest: {"format_version": 1, "files": {relative path: sha256}}, written last into a
 # folder (checkpoints, final_model/) so that its presence means the folder is complete.
@@ -145,3 +148,105 @@ def verify_manifest(folder: Path) -> str | None:
         if sha256_file(p) != digest:
             return f"{rel} does not match its sha256 (truncated or modified)"
     return None
+
+
+# A write that found no room: the disk is full, or the user's quota is.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# How a library that drops the OSError still says it: Rust's io::Error (safetensors raises
+# "I/O error: No space left on device (os error 28)") keeps the C library's text and the errno.
+_DISK_FULL_TEXTS = tuple(t.lower() for n in sorted(DISK_FULL_ERRNOS)
+                         for t in (os.strerror(n), f"(os error {n})"))
+# torch.save(path) loses the errno altogether: its C++ writer reports "[enforce fail at
+# inline_container.cc:672] . unexpected pos ..." (torch 2.x) or "PytorchStreamWriter failed
+# writing file ...", while handling "basic_ios::clear: iostream error".
+_ERRNO_LESS_WRITE_FAILURES = ("inline_container.cc", "pytorchstreamwriter", "iostream error",
+                              "file write failed")
+_ROOM_MARGIN = 1 << 20  # an errno-less write failure with less than this free is a full disk
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it was raised from or while handling (cycles cut)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception in its chain (__cause__ / __context__), says the disk or the
+    quota is full: an OSError with errno ENOSPC or EDQUOT, or the system's text for them in a
+    wrapping error (safetensors' SafetensorError, torch.save to a file object's RuntimeError)."""
+    for e in _exception_chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()
+        if any(t in text for t in _DISK_FULL_TEXTS):
+            return True
+    return False
+
+
+def out_of_space(exc: BaseException, path: str | os.PathLike,
+                 needed_bytes: int | None = None) -> bool:
+    """is_disk_full(exc), or a write failure that lost its errno (torch.save to a path) while
+    the filesystem of `path` has less than `needed_bytes` (and at least 1 MiB) free."""
+    if is_disk_full(exc):
+        return True
+    if not any(m in str(e).lower() for e in _exception_chain(exc)
+               for m in _ERRNO_LESS_WRITE_FAILURES):
+        return False
+    free = free_bytes(path)
+    return free is not None and free < max(needed_bytes or 0, _ROOM_MARGIN)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes this user may still write on the filesystem of `path` (or of its nearest existing
+    parent), or None when it cannot be read."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            try:
+                return shutil.disk_usage(q).free
+            except OSError:
+                return None
+    return None
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """The size of a file, or the sum over the files under a folder (0 when missing)."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            return p.stat().st_size
+        return sum(q.stat().st_size for q in p.rglob("*") if q.is_file())
+    except OSError:  # a file removed while counting
+        return 0
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units, as `df -H` and file managers show them: 3.4 MB, 12.1 GB."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def disk_full_message(what: str, path: str | os.PathLike, needed_bytes: int | None) -> str:
+    """`not enough disk space to write WHAT in PATH: it needs about N, M is free on that
+    filesystem` (and, when M would be enough, that a quota or the inode count is the limit).
+    Callers add what was kept and which flag to change."""
+    free = free_bytes(path)
+    need = (f"it needs about {format_bytes(needed_bytes)}" if needed_bytes
+            else "how much it needs is unknown")
+    have = (f"{format_bytes(free)} is free on that filesystem" if free is not None
+            else "the free space there could not be read")
+    text = f"not enough disk space to write {what} in {path}: {need}, {have}"
+    if free is not None and needed_bytes and free >= needed_bytes:
+        # The filesystem has room, so the write hit another limit (EDQUOT, or no inodes left).
+        text += (" (that would be enough: the limit reached is a disk quota, see `quota -s`, or "
+                 "the number of files, see `df -i`)")
+    return text + "."

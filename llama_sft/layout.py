@@ -6,6 +6,7 @@ Output layout of a training run (llama_train.py / llama_pilot.py --output-dir):
     final_model/         adapter, tokenizer, run_config.json, manifest
     metrics.jsonl, samples.jsonl, consumed_ids.jsonl, test.jsonl, train_results.json,
     loss_curve.png (and pilot_evaluation.json for the pilot)
+    .run.lock            while a run is live: its lock (training/lock.py), removed when it ends
 
 `RunConfig` (run_config.json) and `ResumeState` (resume_state.json) each have one writer
 (`to_json`) and one reader (`from_json`), and carry a format version; a file written before
@@ -77,6 +78,10 @@ def config_hash(cfg: Any) -> str:
 # would partly overwrite.
 RUN_OUTPUTS = ("train_results.json", "test.jsonl", "samples.jsonl", "consumed_ids.jsonl",
                "loss_curve.png")
+
+
+# The lock a live run holds on its --output-dir (training/lock.py): a JSON body naming the run.
+RUN_LOCK = ".run.lock"
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

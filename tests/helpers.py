@@ -5,7 +5,10 @@ Test modules import these from here (`from helpers import tiny_args`), never fro
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +89,24 @@ def make_adapter(base_dir: str | Path, out_dir: Path, *, lora_b_std: float, seed
     }
     (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
     return out_dir
+
+
+class FillsUp(io.FileIO):
+    """A file on a disk with `room` bytes left: the write that crosses it writes what fits,
+    then raises ENOSPC, as write(2) does on a full disk."""
+
+    room = 1500
+
+    def write(self, b):
+        left = self.room - self.tell()
+        if len(b) > left:
+            super().write(bytes(b[:max(left, 0)]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        return super().write(b)
+
+
+def full_disk_open(path, mode="r", *args, **kwargs):
+    """`open` for a module under test (monkeypatched in): files opened "wb" fill the disk."""
+    if mode == "wb":
+        return FillsUp(path, "wb")
+    return open(path, mode, *args, **kwargs)

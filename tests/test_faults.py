@@ -1,4 +1,5 @@
-"""Fault suite for RELIABILITY.md items 1-7 (training state), on the tiny random LLaMA.
+"""Fault suite for RELIABILITY.md items 1-7 (training state) and the training side of 16-18 (a
+killed run's lock taken over, a full disk during a save, torn logs), on the tiny random LLaMA.
 
 Every kill is real: llama_train.py runs in a child process and gets SIGKILL / SIGTERM / SIGINT
 from here; the runs that need no kill (the reference, the resumes, the non-finite and
@@ -35,9 +36,10 @@ from helpers import adapter_tensors, tiny_args
 
 import llama_train
 from llama_sft.errors import NonFiniteWeightsError
-from llama_sft.files import verify_manifest
-from llama_sft.layout import CONSUMED_IDS, MANIFEST
+from llama_sft.files import format_bytes, tree_bytes, verify_manifest
+from llama_sft.layout import CONSUMED_IDS, MANIFEST, METRICS, RUN_LOCK
 from llama_sft.training.checkpoints import latest_good_checkpoint, list_checkpoints
+from llama_sft.training.lock import LockHolder
 from llama_sft.training.train import run_train
 from llama_sft.training.trainer import is_out_of_memory
 
@@ -208,6 +210,20 @@ class Killed:
     latest_good_after_kill: str | None
     resumed_from: str | None
     consumed_before_resume: list[tuple[int, list[str]]]
+    pid: int
+    lock_after_kill: LockHolder | None  # the body of the lock file the kill left
+    torn: dict[str, bytes]            # the half-written last line added to each log
+    resume_log: str
+
+
+def tear_last_line(path: Path, step: int) -> bytes:
+    """Append the first half of a record for `step`, as a kill in the middle of its write
+    leaves it (no newline)."""
+    line = json.dumps({"step": step, "epoch": 1.0, "loss": 2.5, "ids": ["torn-a", "torn-b"]})
+    torn = line[: len(line) // 2].encode()
+    with open(path, "ab") as fh:
+        fh.write(torn)
+    return torn
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +236,13 @@ def killed_at_random_step(work, tiny_llama_dir, reference) -> Killed:
     logged = last_logged_step(child.out)
     latest = latest_good_checkpoint(child.out)
     before = consumed(child.out)
-    run_here(argv + ["--resume", "auto"])
+    lock = LockHolder.from_json((child.out / RUN_LOCK).read_text())
+    # RELIABILITY 18: the kill landed in the middle of writing both logs' next line.
+    torn = {name: tear_last_line(child.out / name, logged + 1) for name in (METRICS, CONSUMED_IDS)}
+    _, log = run_here(argv + ["--resume", "auto"])
     res = json.loads((child.out / "train_results.json").read_text())
     return Killed(child.out, rc, logged, latest.name if latest else None, res["resumed_from"],
-                  before)
+                  before, child.proc.pid, lock, torn, log)
 
 
 def test_guarantee_01_kill9_at_a_random_step_then_resume_matches_an_uninterrupted_run(
@@ -258,6 +277,34 @@ def test_guarantee_02_no_example_seen_twice_or_skipped_across_a_kill9_resume(
     train_ids = sorted(ids_ref[:37])
     assert len(set(train_ids)) == 37
     assert sorted(ids_run[:37]) == train_ids
+
+
+def test_guarantee_16_a_kill9_runs_lock_is_taken_over_by_the_resume_with_a_notice(
+        killed_at_random_step):
+    k = killed_at_random_step
+    # The killed run held the lock: its file names it and stays behind (the kernel dropped the
+    # lock itself); the resume takes it over, says so, and removes it when it ends.
+    assert k.lock_after_kill is not None and k.lock_after_kill.pid == k.pid
+    assert "llama_train.py" in k.lock_after_kill.command
+    assert f"took over the lock on --output-dir {k.out} from a run that ended without " \
+           f"releasing it (pid {k.pid} on " in k.resume_log
+    assert not (k.out / RUN_LOCK).exists()
+
+
+def test_guarantee_18_torn_last_lines_are_cut_on_resume_and_no_complete_record_is_lost(
+        killed_at_random_step, reference):
+    k = killed_at_random_step
+    for name, torn in k.torn.items():
+        # Cut with a notice (a kill may have torn the line itself: then more bytes go).
+        notice = f"{name}: cut a half-written last line ("
+        assert notice in k.resume_log, name
+        cut = int(k.resume_log.split(notice, 1)[1].split(" ", 1)[0])
+        assert cut >= len(torn)
+        lines = (k.out / name).read_text().splitlines()
+        assert all(json.loads(line) for line in lines)  # every line a whole record again
+    # Nothing complete was lost or glued to the torn line: each step once, as the reference.
+    assert loss_steps(k.out) == loss_steps(reference)
+    assert consumed(k.out) == consumed(reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +423,7 @@ def test_guarantee_05_signal_saves_a_complete_checkpoint_exits_with_its_code_and
     assert latest_good_checkpoint(child.out).name == f"checkpoint-{stopped}"
     assert not (child.out / "final_model").exists()
     assert "--resume auto" in child.text()
+    assert not (child.out / RUN_LOCK).exists()  # RELIABILITY 16: released on this exit path
     run_here(argv + ["--resume", "auto"])
     res = json.loads((child.out / "train_results.json").read_text())
     assert Path(res["resumed_from"]).name == f"checkpoint-{stopped}"
@@ -400,6 +448,7 @@ def test_guarantee_06_non_finite_loss_stops_naming_the_step_and_no_checkpoint_ho
         assert verify_manifest(c) is None
         _assert_all_finite(c)
     assert not (out / "final_model").exists()
+    assert not (out / RUN_LOCK).exists()  # RELIABILITY 16: released after a failed run
 
 
 def test_guarantee_06_non_finite_weights_are_never_checkpointed(tmp_path, tiny_llama_dir):
@@ -491,3 +540,58 @@ def test_guarantee_07_the_cpu_allocators_failure_counts_as_out_of_memory():
     assert is_out_of_memory(failed.value)
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 17: a full disk during a checkpoint or final-model save
+# ---------------------------------------------------------------------------------------------
+
+
+def test_guarantee_17_a_full_disk_in_a_checkpoint_save_keeps_the_earlier_ones_and_resume_matches(
+        work, tiny_llama_dir, reference, monkeypatch):
+    # The save of checkpoint-4 gets ENOSPC half-way through its optimizer file (test hook).
+    monkeypatch.setenv("LLAMA_SFT_TEST_DISK_FULL", "ENOSPC@checkpoint-4")
+    argv = argv_for(work, tiny_llama_dir, "disk-full")
+    out, text = run_here(argv, expect=1)
+    err = text[text.index("error: "):]
+    # How much a checkpoint takes (the previous one's size), the free space, and what to change.
+    assert err.startswith(f"error: not enough disk space to write checkpoint-4 in {out}: it "
+                          f"needs about {format_bytes(tree_bytes(out / 'checkpoint-2'))}, ")
+    assert "is free on that filesystem" in err
+    assert "every earlier checkpoint is intact (newest: checkpoint-2)" in err
+    # --save-total-limit 1 keeps one: only space or another folder helps (the flag is named
+    # when more are kept: tests/test_disk_full.py).
+    assert "--save-total-limit" not in err
+    for what in ("Free some space", "another --output-dir", "--resume auto"):
+        assert what in err, what
+    # The partial save is gone, the earlier checkpoint intact, the lock released.
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert verify_manifest(out / "checkpoint-2") is None
+    assert loss_steps(out) == loss_steps(reference)[:4]
+    assert not (out / "final_model").exists() and not (out / RUN_LOCK).exists()
+    monkeypatch.delenv("LLAMA_SFT_TEST_DISK_FULL")
+    run_here(argv + ["--resume", "auto"])
+    res = json.loads((out / "train_results.json").read_text())
+    assert Path(res["resumed_from"]).name == "checkpoint-2"
+    _assert_same_training(out, reference)
+
+
+def test_guarantee_17_a_full_quota_in_the_final_model_save_keeps_the_checkpoints_and_resume_matches(
+        work, tiny_llama_dir, reference, monkeypatch):
+    monkeypatch.setenv("LLAMA_SFT_TEST_DISK_FULL", "EDQUOT@final_model")
+    argv = argv_for(work, tiny_llama_dir, "quota-final")
+    out, text = run_here(argv, expect=1)
+    err = text[text.index("error: "):]
+    assert err.startswith(f"error: not enough disk space to write final_model/ in {out}: it "
+                          "needs about ")
+    # This filesystem has room: the message points at the quota.
+    assert "the limit reached is a disk quota" in err
+    assert f"--resume auto: it continues from checkpoint-{MAX_STEPS}" in err
+    assert not (out / "final_model").exists() and not (out / ".final_model.tmp").exists()
+    assert not (out / "train_results.json").exists() and not (out / RUN_LOCK).exists()
+    assert verify_manifest(out / f"checkpoint-{MAX_STEPS}") is None
+    monkeypatch.delenv("LLAMA_SFT_TEST_DISK_FULL")
+    run_here(argv + ["--resume", "auto"])
+    res = json.loads((out / "train_results.json").read_text())
+    assert Path(res["resumed_from"]).name == f"checkpoint-{MAX_STEPS}"
+    _assert_same_training(out, reference)

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import GOLDEN, make_adapter
+from helpers import GOLDEN, full_disk_open, make_adapter
 
 import llama_evaluate
 import llama_package
@@ -354,6 +354,28 @@ def test_secret_in_run_config_stops_packaging(tiny_llama_dir, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "HF_TOKEN" in err and CANARIES["HF_TOKEN"] not in err
     assert list(out_dir.iterdir()) == []  # the staging folder is gone too
+
+
+def test_guarantee_17_a_full_disk_while_writing_the_archive_leaves_no_partial_package(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """ENOSPC half-way through the archive (the disk fills as it is written): exit 1, a message
+    with the space it needs and what to change, and nothing left in --output-dir."""
+    from llama_sft.packaging import archive
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "final_model", lora_b_std=0.3)
+    out_dir = tmp_path / "packages"
+    monkeypatch.setattr(archive, "open", full_disk_open, raising=False)
+    rc = llama_package.main(["--adapter-path", str(adapter), "--output-dir", str(out_dir),
+                             "--no-record-generation"])
+    assert rc == 1
+    err = _error(capsys)
+    assert "error: not enough disk space to write the archive " in err
+    assert "it needs about " in err and "is free on that filesystem" in err
+    assert "The partial archive was removed" in err and "another --output-dir" in err
+    assert list(out_dir.iterdir()) == []  # no archive, no partial one, no staging folder
+    monkeypatch.undo()
+    assert llama_package.main(["--adapter-path", str(adapter), "--output-dir", str(out_dir),
+                               "--no-record-generation"]) == 0
 
 
 def test_qlora_merge_records_the_unquantized_base(tiny_llama_dir, tmp_path):

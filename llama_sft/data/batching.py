@@ -43,7 +43,7 @@ class GroupedLengthSampler(torch.utils.data.Sampler):
 
     def __init__(self, lengths: Sequence[int], batch_size: int,
                  generator: torch.Generator | None = None):
-        self.lengths = list(lengths)
+        self.lengths = lengths.tolist() if hasattr(lengths, "tolist") else list(lengths)
         self.batch_size = batch_size
         self.generator = generator
 
@@ -56,7 +56,7 @@ class GroupedLengthSampler(torch.utils.data.Sampler):
 
 
 class TokenizedDataset:
-    """A list of tokenized examples (from llama_dataset.tokenize_examples)."""
+    """A list of tokenized rows (from data/tokenize.py tokenize_examples)."""
 
     def __init__(self, rows: Sequence[dict[str, Any]]):
         self.rows = list(rows)
@@ -66,6 +66,39 @@ class TokenizedDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rows[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r["input_ids"]) for r in self.rows]
+
+
+class ArrowRows(TokenizedDataset):
+    """Rows of the tokenized cache (data/cache.py), memory-mapped: `indices` into an Arrow
+    dataset, lengths from its column; rows are read when a batch asks for them, so no row is
+    held as Python objects between batches."""
+
+    def __init__(self, ds, indices, lengths):
+        self.ds, self.indices, self._lengths = ds, indices, lengths
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.ds[int(self.indices[i])]
+
+    def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch in one read (torch's DataLoader calls this when it exists)."""
+        cols = self.ds[[int(self.indices[k]) for k in keys]]
+        return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Every row as Python objects: for tests and small sets only."""
+        return self.__getitems__(range(len(self)))
+
+    @property
+    def lengths(self):
+        return self._lengths
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The validating JSONL loader: every malformed line is an error naming file:line and why
-(never its content), or skipped and counted with --skip-invalid."""
+"""The validating loader: every malformed line (or row, for the other formats of
+data/sources.py) is an error naming file:line and why (never its content), or skipped and
+counted with --skip-invalid."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llama_sft.data.schemas import Example, normalize_record, parse_field_map
+from llama_sft.data.sources import Row, iter_rows, source_kind, source_sha256
 from llama_sft.errors import DatasetError
-from llama_sft.files import sha256_file
 
 logger = logging.getLogger("llama_sft")
 
@@ -47,45 +48,54 @@ def iter_examples(path: str | os.PathLike, *, field_map: str | dict | None = Non
     fmap = parse_field_map(field_map) if isinstance(field_map, (str, type(None))) else field_map
     stats = stats if stats is not None else LoadStats()
 
-    def bad(lineno: int, reason: str) -> None:
+    def bad(where: str, reason: str) -> None:
         if not skip_invalid:
-            raise DatasetError(f"{path}:{lineno}: {reason}. Fix the line, or pass --skip-invalid "
+            raise DatasetError(f"{where}: {reason}. Fix the line, or pass --skip-invalid "
                                "to skip and count bad lines")
         stats.skipped_invalid += 1
         stats.skipped_reasons[reason.split(":")[0].split(" (")[0]] += 1
 
+    kind = source_kind(path)
+    rows = _jsonl_rows(p, str(path), max_line_bytes, skip_invalid) if kind == "jsonl" \
+        else iter_rows(path, kind)
+    for row in rows:
+        ex, reason = None, row.problem
+        if reason is None:
+            try:
+                ex = normalize_record(row.value, fmap)
+            except ValueError as e:
+                reason = str(e)
+        if reason is not None:
+            bad(row.where, reason)
+            continue
+        ex.line = row.line
+        stats.rows += 1
+        yield ex
+
+
+def _jsonl_rows(p: Path, name: str, max_line_bytes: int, skip_invalid: bool) -> Iterator[Row]:
+    """The JSON value of each non-blank line, or why the line is not one."""
     for lineno, raw in _raw_lines(p, max_line_bytes):
+        where = f"{name}:{lineno}"
         if raw is None:
-            bad(lineno, f"line longer than {max_line_bytes} bytes")
+            yield Row(where, lineno, problem=f"line longer than {max_line_bytes} bytes")
             continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             if not skip_invalid:
-                raise DatasetError(f"{path}:1: file starts with a UTF-8 byte-order mark (BOM); "
+                raise DatasetError(f"{name}:1: file starts with a UTF-8 byte-order mark (BOM); "
                                    "re-save it as UTF-8 without BOM")
             raw = raw[3:]
         if not raw.strip():
             continue
         obj, reason = _decode_json(raw)
-        if reason is None:
-            try:
-                ex = normalize_record(obj, fmap)
-            except ValueError as e:
-                reason = str(e)
-        if reason is not None:
-            bad(lineno, reason)
-            continue
-        ex.line = lineno
-        stats.rows += 1
-        yield ex
+        yield Row(where, lineno, obj, reason)
 
 
 def _input_file(path: str | os.PathLike) -> Path:
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and source_kind(path) != "hub":
         raise DatasetError(f"{path}: file not found (the sample data is in ./sft_output/; "
                            f"regenerate it with `python3 sft_output/make_sample_data.py`)")
-    if p.is_dir():
-        raise DatasetError(f"{path}: is a folder; pass a .jsonl file")
     return p
 
 
@@ -129,7 +139,9 @@ def _decode_json(raw: bytes) -> tuple[Any, str | None]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    return sha256_file(path)
+    """The data's content hash: a file's sha256, or a folder's or hub dataset's
+    (data/sources.py)."""
+    return source_sha256(path, source_kind(path))
 
 
 def load_and_validate(path: str, *, field_map: str | None = None, skip_invalid: bool = False,

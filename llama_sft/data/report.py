@@ -238,3 +238,32 @@ def run_report(cfg: Any, output: str | None = None) -> dict[str, Any]:
                         earlier.get("dataset"), earlier.get("dataset_hash"))
         write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def run_prepare(cfg: Any) -> dict[str, Any]:
+    """`--prepare`: the tokenized cache of --dataset for this tokenizer and these flags, built
+    unless it is there; what it is (key, rows, size, path)."""
+    from llama_sft.data.cache import CacheSpec, open_or_build
+    from llama_sft.data.prompts import resolve_prompt_format
+
+    if not cfg.dataset:
+        raise DatasetError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
+    tok = load_tokenizer(resolve_base_model(cfg.model_size, cfg.base_model),
+                         trust_remote_code=cfg.trust_remote_code)
+    cache = open_or_build(CacheSpec(
+        dataset=cfg.dataset, tokenizer=tok, prompt_format=resolve_prompt_format(
+            tok, cfg.prompt_format), max_length=cfg.max_length, label_mode=cfg.label_mode,
+        field_map=cfg.field_map, skip_invalid=cfg.skip_invalid, cache_dir=cfg.cache_dir,
+        num_proc=cfg.num_proc))
+    return {"key": cache.key, "rows": cache.rows, "size_bytes": cache.size_bytes(),
+            "path": str(cache.path), "hit": cache.hit,
+            "skipped_invalid": cache.meta["skipped_invalid"]}
+
+
+def format_prepare(p: dict[str, Any]) -> str:
+    return (f"tokenized cache {'already there' if p['hit'] else 'built'}: key {p['key']}, "
+            f"{p['rows']:,} rows ({p['skipped_invalid']} invalid skipped), "
+            f"{p['size_bytes'] / 2**20:.1f} MiB\n  {p['path']}\n"
+            "llama_train.py with the same --dataset, tokenizer, --max-length, --prompt-format, "
+            "--field-map, --skip-invalid, --last-turn-only and --cache-dir reads it without "
+            "tokenizing")

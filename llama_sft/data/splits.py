@@ -13,7 +13,8 @@ from llama_sft.data.schemas import Example
 logger = logging.getLogger("llama_sft")
 
 
-def _bucket(content_hash: str) -> float:
+def bucket(content_hash: str) -> float:
+    """Where an example falls in [0, 1): below val_ratio is val, then test, then train."""
     return int(content_hash[:12], 16) / float(16**12)
 
 
@@ -36,7 +37,7 @@ class SplitAssigner:
             self.removed["duplicates"] += 1
             return None
         self.seen.add(content_hash)
-        b = _bucket(content_hash)
+        b = bucket(content_hash)
         if b < self.val_ratio:
             return "val"
         if b < self.val_ratio + self.test_ratio:
@@ -44,11 +45,14 @@ class SplitAssigner:
         return "train"
 
     def finish(self) -> dict[str, int]:
-        if self.removed["golden_overlap"]:
-            logger.warning("%d dataset example(s) also appear in the golden set; they were "
-                           "removed from training so the golden set stays a fair test",
-                           self.removed["golden_overlap"])
+        warn_golden_overlap(self.removed["golden_overlap"])
         return dict(self.removed)
+
+
+def warn_golden_overlap(n: int) -> None:
+    if n:
+        logger.warning("%d dataset example(s) also appear in the golden set; they were "
+                       "removed from training so the golden set stays a fair test", n)
 
 
 def split_examples(examples: Sequence[Example], *, val_ratio: float, test_ratio: float,

@@ -47,6 +47,20 @@ class TokenizeStats:
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
+    def add(self, fitted: Sequence["Fitted"]) -> None:
+        for f in fitted:
+            self.examples_in += 1
+            self.context_truncated += f.context_truncated
+            self.exchanges_dropped += f.exchanges_dropped
+            self.conversations_shortened += f.exchanges_dropped > 0
+            if f.enc is None:
+                self.dropped_no_supervised_tokens += 1
+                continue
+            self.examples_out += 1
+            self.response_truncated += f.response_truncated
+            self.supervised_tokens += f.enc.supervised
+            self.total_tokens += len(f.enc.ids)
+
 
 @dataclass
 class Encoded:
@@ -137,6 +151,44 @@ class Encoder:
                 "tokenizer whose template renders each turn the same way")
 
 
+@dataclass
+class Fitted:
+    """One example tokenized and fitted to max_length: `enc` is None when no supervised token
+    was left (dropped); the counts say what fitting did to it."""
+
+    example: Example
+    enc: Encoded | None
+    full_length: int  # tokens before fitting
+    full_supervised: int
+    context_truncated: bool = False
+    response_truncated: bool = False
+    exchanges_dropped: int = 0
+
+    def row(self) -> dict[str, Any]:
+        """The training row: {input_ids, labels, length, prompt_length, id, category,
+        content_hash}."""
+        enc, ex = self.enc, self.example
+        labels = [IGNORE_TOKEN_ID] * len(enc.ids)
+        for start, end in enc.spans:
+            labels[start:end] = enc.ids[start:end]
+        return {"input_ids": enc.ids, "labels": labels, "length": len(enc.ids),
+                "prompt_length": enc.spans[-1][0], "id": ex.id, "category": ex.category,
+                "content_hash": ex.content_hash}
+
+
+def fit_examples(encoder: Encoder, examples: Sequence[Example], max_length: int) -> list[Fitted]:
+    """Every example encoded, then fitted to max_length (module docstring)."""
+    if not examples:  # e.g. an empty val split; the fast tokenizer fails on an empty batch
+        return []
+    out = []
+    for ex, enc in zip(examples, encoder.encode(examples)):
+        fitted = Fitted(ex, enc, len(enc.ids), enc.supervised)
+        if len(enc.ids) > max_length:
+            _fit(encoder, fitted, max_length)
+        out.append(fitted)
+    return out
+
+
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int,
                       prompt_format: str = "auto", label_mode: str = "all",
                       stats: TokenizeStats | None = None) -> list[dict[str, Any]]:
@@ -144,50 +196,32 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     (module docstring: labels and truncation). Batched through the fast tokenizer."""
     encoder = Encoder(tokenizer, prompt_format, label_mode)
     stats = stats if stats is not None else TokenizeStats()
-    if not examples:  # e.g. an empty val split; the fast tokenizer fails on an empty batch
-        return []
-    stats.examples_in += len(examples)
-    out: list[dict[str, Any]] = []
-    for ex, enc in zip(examples, encoder.encode(examples)):
-        if len(enc.ids) > max_length:
-            enc = _fit(encoder, ex, enc, max_length, stats)
-        if enc is None:
-            stats.dropped_no_supervised_tokens += 1
-            continue
-        labels = [IGNORE_TOKEN_ID] * len(enc.ids)
-        for start, end in enc.spans:
-            labels[start:end] = enc.ids[start:end]
-        out.append({"input_ids": enc.ids, "labels": labels, "length": len(enc.ids),
-                    "prompt_length": enc.spans[-1][0], "id": ex.id, "category": ex.category,
-                    "content_hash": ex.content_hash})
-        stats.supervised_tokens += enc.supervised
-        stats.total_tokens += len(enc.ids)
-    stats.examples_out += len(out)
-    return out
+    fitted = fit_examples(encoder, examples, max_length)
+    stats.add(fitted)
+    return [f.row() for f in fitted if f.enc is not None]
 
 
-def _fit(encoder: Encoder, ex: Example, enc: Encoded, max_length: int,
-         stats: TokenizeStats) -> Encoded | None:
-    """`enc` cut to max_length (module docstring); None when no supervised token is left."""
-    shortened = ex
+def _fit(encoder: Encoder, fitted: Fitted, max_length: int) -> None:
+    """fitted.enc cut to max_length (module docstring); None when no supervised token is
+    left."""
+    ex = shortened = fitted.example
+    enc = fitted.enc
     while len(enc.ids) > max_length and shortened.assistant_turns > 1:
         shortened = _drop_first_exchange(shortened)
-        stats.exchanges_dropped += 1
+        fitted.exchanges_dropped += 1
         enc = encoder.encode([shortened])[0]
-    if shortened is not ex:
-        stats.conversations_shortened += 1
     if len(enc.ids) > max_length and shortened.messages is None and ex.context.strip():
         response = len(enc.ids) - enc.spans[-1][0]
         enc = _truncate_context(encoder, ex, max_length - response)
-        stats.context_truncated += 1
-    start = enc.spans[-1][0]
-    if start >= max_length:
-        return None
+        fitted.context_truncated = True
+    fitted.enc = None
+    if enc.spans[-1][0] >= max_length:
+        return
     if len(enc.ids) > max_length:
-        stats.response_truncated += 1
+        fitted.response_truncated = True
         enc = Encoded(ids=enc.ids[:max_length],
                       spans=[(s, min(e, max_length)) for s, e in enc.spans if s < max_length])
-    return enc
+    fitted.enc = enc
 
 
 def _drop_first_exchange(ex: Example) -> Example:

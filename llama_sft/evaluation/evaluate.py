@@ -55,6 +55,7 @@ from llama_sft.modeling.load import (
     resolve_base_model,
 )
 from llama_sft.modeling.loss import per_example_nll
+from llama_sft.modeling.merge import generation_model, generation_route
 from llama_sft.versions import CORE_LIBRARIES, library_versions
 
 logger = logging.getLogger("llama_sft")
@@ -376,14 +377,19 @@ def prepare_inputs(tok, cfg: EvalArgs, selected: Sequence[Any]):
 
 def evaluate_pass(model, tok, prompts, features_by_hash, selected, cfg, *,
                   label: str, stop_ids: Sequence[int] | None = None) -> PassResult:
-    """Generate and score one model (tuned or base) on the selected examples."""
+    """Generate and score one model (tuned, or the base inside peft's disable_adapter) on the
+    selected examples. Generation goes through modeling/merge.py's plain copy where it fits
+    (adapter merged, bitsandbytes weights de-quantized: the tuned model generates at its base's
+    speed); the perplexity through `model` itself."""
     gen_stats: dict[str, Any] = {}
     logger.info("%s: generating %d responses (batch %d, up to %d new tokens)", label,
                 len(prompts), cfg.batch_size, cfg.max_new_tokens)
-    generations = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, do_sample=cfg.do_sample,
-                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                           progress=True, stats=gen_stats, stop_ids=stop_ids)
+    with generation_model(model) as gen_model:
+        gen_stats["through"] = generation_route(model, gen_model)
+        generations = generate(gen_model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                               progress=True, stats=gen_stats, stop_ids=stop_ids)
     t0 = time.perf_counter()
     hashes = list(features_by_hash)
     nll = response_nll(model, tok, [features_by_hash[h] for h in hashes], batch_size=cfg.batch_size)
@@ -530,6 +536,7 @@ def assemble_results(cfg: EvalArgs, *, model: dict[str, Any], dataset: dict[str,
             "tokens_per_second": tuned.stats.get("tokens_per_second", 0.0),
             "examples_per_second": len(tuned.rows) / gen_seconds if gen_seconds else None,
             "perplexity_seconds": tuned.ppl_seconds,
+            "generated_through": tuned.stats.get("through"),
         },
         "outputs": {"results": str(Path(cfg.output)), "samples": str(samples_path_for(cfg))},
         "library_versions": library_versions(CORE_LIBRARIES + ("rouge-score", "sacrebleu")),
@@ -538,6 +545,7 @@ def assemble_results(cfg: EvalArgs, *, model: dict[str, Any], dataset: dict[str,
         result["base_metrics"] = base.metrics
         result["deltas"] = deltas(tuned.metrics, base.metrics)
         result["timing"].update(base_generation_seconds=base.stats.get("seconds", 0.0),
+                                base_tokens_per_second=base.stats.get("tokens_per_second", 0.0),
                                 base_perplexity_seconds=base.ppl_seconds,
                                 total_seconds=time.perf_counter() - t_start)
     return _round(result)

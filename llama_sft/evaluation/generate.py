@@ -2,8 +2,9 @@
 package verification.
 
 Prompts come rendered as in training (llama_sft.data.prompts.render_prompt); they are sorted by
-length, left-padded and generated in batches with the KV cache; greedy by default. Output order
-matches input order. No command of its own: llama_evaluate.py and llama_pilot.py call it.
+length and generated with the KV cache, greedy by default: greedy with continuous batching
+(llama_sft/evaluation/greedy.py), sampling in left-padded batches with transformers' generate.
+Output order matches input order. No command of its own: llama_evaluate.py and llama_pilot.py call it.
 """
 
 from __future__ import annotations
@@ -39,10 +40,23 @@ def generation_kwargs(*, max_new_tokens: int, do_sample: bool, temperature: floa
     return gen_kwargs
 
 
+def _decode(tokenizer, toks: list[int], stops: set[int], pad: int) -> Generation:
+    """A row of generated ids, cut at its first stop token (or its trailing padding)."""
+    end = next((i for i, t in enumerate(toks) if t in stops), None)
+    ended = end is not None
+    if ended:
+        toks = toks[:end]
+    else:
+        while toks and toks[-1] == pad:
+            toks = toks[:-1]
+    return Generation(text=tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                      new_tokens=len(toks) + int(ended), ended_with_eos=ended)
+
+
 def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_ids: list[int],
                     device, gen_kwargs: dict[str, Any]) -> list[Generation]:
-    """Left-pad one batch of prompt token ids, generate, and decode each row up to its first
-    stop token."""
+    """Left-pad one batch of prompt token ids, generate with transformers' generate, and decode
+    each row up to its first stop token."""
     import torch
 
     width = max(len(ids) for ids in batch)
@@ -53,19 +67,37 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_
         ids[row, width - n:] = torch.tensor(prompt_ids)
         mask[row, width - n:] = 1
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-    generations = []
     stops = set(stop_ids)
-    for toks in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(toks) if t in stops), None)
-        ended = end is not None
-        if ended:
-            toks = toks[:end]
-        else:
-            while toks and toks[-1] == pad:
-                toks = toks[:-1]
-        generations.append(Generation(text=tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                                      new_tokens=len(toks) + int(ended), ended_with_eos=ended))
-    return generations
+    return [_decode(tokenizer, toks, stops, pad) for toks in out[:, width:].tolist()]
+
+
+def _run_batches(model, tokenizer, enc, order, *, batch_size: int, pad: int, stop_ids,
+                 device, gen_kwargs, use_loop: bool, done) -> None:
+    """Generate every prompt of `enc` (in `order`), calling done(index, Generation) for each:
+    greedy.greedy_generate with `batch_size` slots (use_loop), else transformers' generate on
+    batches of `batch_size`."""
+    stops = set(stop_ids)
+    if use_loop:
+        from llama_sft.evaluation.greedy import greedy_generate
+
+        greedy_generate(model, [enc[i] for i in order], slots=batch_size,
+                        max_new_tokens=gen_kwargs["max_new_tokens"], stop_ids=stop_ids,
+                        device=device,
+                        on_done=lambda k, toks: done(order[k], _decode(tokenizer, toks, stops,
+                                                                       pad)))
+        return
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = _generate_batch(model, tokenizer, [enc[i] for i in idx], pad=pad,
+                                stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs)
+        for i, gen in zip(idx, batch):
+            done(i, gen)
+
+
+def _greedy_loop_supported(model) -> bool:
+    from llama_sft.evaluation.greedy import supports_greedy_loop
+
+    return supports_greedy_loop(model)
 
 
 def model_stop_ids(model, tokenizer) -> list[int]:
@@ -87,9 +119,14 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
              batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, progress: bool = False,
              stats: dict[str, Any] | None = None,
-             stop_ids: Sequence[int] | None = None) -> list[Generation]:
+             stop_ids: Sequence[int] | None = None, decoder: str = "auto") -> list[Generation]:
     """Generate a response for each rendered prompt (text already in the model's format),
-    stopping at any of `stop_ids` (default: the model's, from stop_token_ids)."""
+    stopping at any of `stop_ids` (default: the model's, from stop_token_ids).
+
+    decoder: "auto" decodes greedy with llama_sft.evaluation.greedy (the tokens transformers'
+    generate picks, with `batch_size` prompts in flight and a finished one replaced at once:
+    bench/RESULTS.md) where it supports the model, and samples with transformers' generate;
+    "hf" always uses transformers' generate on batches of `batch_size`."""
     import torch
 
     if not prompts:
@@ -97,7 +134,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     stop_ids = list(stop_ids) if stop_ids else model_stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    # Longest first: prompts of similar length share a batch, so little padding is generated.
+    # Longest first: prompts of similar length share a batch (or run together), so the cache
+    # holds little padding.
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
     results: list[Generation | None] = [None] * len(enc)
     device = next(model.parameters()).device
@@ -108,30 +146,34 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(enc), desc="generating", unit="ex", dynamic_ncols=True)
-    generated_tokens = 0
     t0 = time.perf_counter()
     gen_kwargs = generation_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_p=top_p, pad=pad,
                                     stop_ids=stop_ids)
     if do_sample:
         torch.manual_seed(seed)
+    use_loop = decoder == "auto" and not do_sample and _greedy_loop_supported(model)
+
+    generated = [0]
+
+    def done(index: int, gen: Generation) -> None:
+        results[index] = gen
+        generated[0] += gen.new_tokens
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{generated[0] / (time.perf_counter() - t0):.1f}")
+
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = _generate_batch(model, tokenizer, [enc[i] for i in idx], pad=pad,
-                                        stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs)
-                for i, gen in zip(idx, batch):
-                    results[i] = gen
-                    generated_tokens += gen.new_tokens
-                if bar is not None:
-                    bar.update(len(idx))
-                    bar.set_postfix(tok_s=f"{generated_tokens / (time.perf_counter() - t0):.1f}")
+            _run_batches(model, tokenizer, enc, order, batch_size=batch_size, pad=pad,
+                         stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs,
+                         use_loop=use_loop, done=done)
     finally:
         if bar is not None:
             bar.close()
         if was_training:
             model.train()
+    generated_tokens = generated[0]
     if stats is not None:
         elapsed = time.perf_counter() - t0
         stats.update(generated_tokens=generated_tokens, seconds=round(elapsed, 3),

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from llama_sft.config import get_spec
 from llama_sft.errors import ModelLoadError
+from llama_sft.hub import hub_offline
 from llama_sft.layout import RUN_CONFIG
 from llama_sft.modeling.embedded import ensure_embedded_model, is_embedded
 
@@ -29,17 +28,7 @@ def resolve_base_model(model_size: str | None, base_model: str | None) -> str:
     return spec.hub_id
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_help(name: str) -> str:
+def hub_help(name: str) -> str:
     return (f"To use {name!r}: request access on https://huggingface.co/{name}, run "
             "`huggingface-cli login`, and make sure this machine can reach the hub; or pass a "
             "local folder with --base-model PATH; or run offline on the CPU with --model-size 135m.")
@@ -67,9 +56,9 @@ def model_path(name: str) -> str:
             return name
     except Exception:  # noqa: BLE001 - an invalid repo id is reported below
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if hub_offline():
         raise ModelLoadError(f"{name!r} is not in the local Hugging Face cache and the hub cannot "
-                             f"be reached. {_hub_help(name)}")
+                             f"be reached. {hub_help(name)}")
     return name
 
 
@@ -78,12 +67,12 @@ def _wrap_hub_error(name: str, e: Exception) -> ModelLoadError:
     kind = type(e).__name__
     if "gated" in text.lower() or kind == "GatedRepoError" or "401" in text or "403" in text:
         return ModelLoadError(f"{name!r} is a gated model and this account has no access. "
-                              f"{_hub_help(name)}")
+                              f"{hub_help(name)}")
     if kind in ("RepositoryNotFoundError",) or "not a valid model identifier" in text:
         return ModelLoadError(f"{name!r} was not found on the hub nor as a local folder. "
-                              f"{_hub_help(name)}")
+                              f"{hub_help(name)}")
     first = text.strip().splitlines()[0] if text.strip() else kind
-    return ModelLoadError(f"could not load {name!r}: {first}. {_hub_help(name)}")
+    return ModelLoadError(f"could not load {name!r}: {first}. {hub_help(name)}")
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -226,7 +215,28 @@ def load_model(name: str, *, use_4bit: bool = False, use_8bit: bool = False,
         raise _wrap_hub_error(name, e) from None
     if for_training:
         model.config.use_cache = False
+        if qcfg is not None and use_4bit:
+            keep_4bit_training_layout(model)
     return model
+
+
+def keep_4bit_training_layout(model) -> int:
+    """Stop bitsandbytes (0.50, on an AVX512-BF16 CPU) from repacking a 4-bit weight in place
+    the first time its layer runs in eval mode without gradients (an evaluation, a sample
+    generation): the repacked layer then computes through `gemv_4bit`, which has no autograd
+    kernel, so every later training step silently drops the gradient through the frozen base
+    ("an autograd kernel was not registered" UserWarning) and its absmax is rounded to bf16.
+    Returns how many layers it changed. tests/test_generation_model.py fails if upstream renames
+    the switch."""
+    changed = 0
+    for module in model.modules():
+        if type(getattr(module, "weight", None)).__name__ == "Params4bit":
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                raise RuntimeError("bitsandbytes' Linear4bit has no support_avx512bf16_for_cpu "
+                                   "switch any more: revisit keep_4bit_training_layout")
+            changed += bool(module.support_avx512bf16_for_cpu)
+            module.support_avx512bf16_for_cpu = False
+    return changed
 
 
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str = "all-linear",

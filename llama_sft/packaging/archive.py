@@ -1,5 +1,6 @@
-"""The archive format of a package: a reproducible .tar.gz of one folder, SHA256SUMS written
-and read, and the member check that refuses anything unsafe to extract."""
+"""The archive format of a package: a reproducible .tar.gz of one folder (a partial one is never
+left behind, a full disk says how much space it needs), SHA256SUMS written and read, and the
+member check that refuses anything unsafe to extract."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from llama_sft.errors import VerifyError
-from llama_sft.files import sha256_file
+from llama_sft.errors import DiskFullError, VerifyError
+from llama_sft.files import disk_full_message, out_of_space, sha256_file, tree_bytes
 from llama_sft.layout import SUMS
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -24,12 +25,31 @@ def write_sums(folder: Path) -> dict[str, str]:
 
 def create_archive(folder: Path, archive: Path, *, mtime: int) -> list[str]:
     """A gzipped tar of `folder` as one top-level directory: regular files only, sorted, owner
-    0:0, modes 0644/0755, one mtime for all (no user names, umask or file times leak in)."""
+    0:0, modes 0644/0755, one mtime for all (no user names, umask or file times leak in).
+    Written under a temporary name and renamed: a failed write removes the partial archive, and
+    a full disk (or quota) raises DiskFullError saying how much space it needs."""
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    try:
+        names = _write_tar(folder, tmp, mtime)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        # At most the files' own size: gzip shrinks the JSON and text, not the weights.
+        needed = tree_bytes(folder)
+        if not out_of_space(e, archive.parent, needed):
+            raise
+        raise DiskFullError(
+            disk_full_message(f"the archive {archive.name}", archive.parent, needed)
+            + " The partial archive was removed. Free some space there, or choose another "
+            "--output-dir") from e
+    os.replace(tmp, archive)
+    return names
+
+
+def _write_tar(folder: Path, tmp: Path, mtime: int) -> list[str]:
     import gzip
 
     top = folder.name
     names = []
-    tmp = archive.with_name(f".{archive.name}.tmp")
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=mtime,
                                                filename="") as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -45,7 +65,6 @@ def create_archive(folder: Path, archive: Path, *, mtime: int) -> list[str]:
             names.append(info.name)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, archive)
     return names
 
 

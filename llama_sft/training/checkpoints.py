@@ -8,7 +8,11 @@ and resumed from.
 - A folder without a valid manifest is never resumed from; retention deletes old checkpoints
   only after the new one is complete, and never the best.
 - resume_state.json holds hashes of the config and the data, so a changed run is not resumed
-  unless forced; on resume the step logs are cut back to the checkpoint's step.
+  unless forced; on resume the step logs are cut back to the checkpoint's step, and a last line
+  half-written by a killed run is cut off (every complete record is kept).
+- A save that runs out of disk space or quota removes its temporary folder and stops the run
+  with DiskFullError, saying how much space a checkpoint takes and what to change; the earlier
+  checkpoints are untouched, so --resume auto continues from the newest.
 
 The files inside a checkpoint are transformers' own (adapter, optimizer, scheduler, RNG and
 trainer state): `write_trainer_files` is the one function coupled to transformers' private
@@ -25,9 +29,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from llama_sft.errors import RunSetupError
+from llama_sft.errors import DiskFullError, RunSetupError
 from llama_sft.files import (
     _fsync_dir,
+    disk_full_message,
+    out_of_space,
+    tree_bytes,
     verify_manifest,
     write_json_atomic,
     write_manifest,
@@ -76,28 +83,64 @@ def remove_stale_staging(output_dir: Path) -> list[Path]:
 
 
 def truncate_step_logs(output_dir: Path, step: int, names: Sequence[str] = STEP_LOGS) -> None:
-    """On a resume from checkpoint-`step`: drop the records of later steps (the stopped run
-    trained them after its last checkpoint; they are about to be trained again) and a torn last
-    line, so each step appears once in metrics.jsonl, samples.jsonl and consumed_ids.jsonl."""
+    """On a resume from checkpoint-`step`: cut a torn last line (repair_torn_tail), then drop the
+    records of later steps (the stopped run trained them after its last checkpoint; they are
+    about to be trained again), so each step appears once in metrics.jsonl, samples.jsonl and
+    consumed_ids.jsonl."""
     for name in names:
         path = output_dir / name
         if not path.is_file():
             continue
-        kept, dropped = [], 0
+        repair_torn_tail(path)
+        kept, later, unreadable = [], 0, 0
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
-                dropped += 1
+                unreadable += 1  # not a record: a line torn by an older toolkit's resume
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
-                dropped += 1
+                later += 1
                 continue
             kept.append(line)
-        if dropped:
+        if later or unreadable:
             write_text_atomic(path, "".join(line + "\n" for line in kept))
-            logger.info("%s: dropped %d record(s) after step %d (redone from the checkpoint)",
-                        name, dropped, step)
+            logger.info("%s: dropped %d record(s) after step %d (redone from the checkpoint)%s",
+                        name, later, step,
+                        f" and {unreadable} unreadable line(s)" if unreadable else "")
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a JSONL log back to the end of its last complete record: a run killed (kill -9, power
+    loss, a full disk) while appending a line leaves it half-written, and the next record
+    appended would be glued to it. Truncated in place: no complete record is rewritten, and it
+    needs no free space. Returns the bytes cut."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        end = len(data)
+        while end:
+            start = data.rfind(b"\n", 0, end - 1) + 1
+            line = data[start:end]
+            if line.endswith(b"\n") and _is_json(line):
+                break
+            end = start  # no newline yet, or not JSON: the torn tail
+        if end == len(data):
+            return 0
+        fh.truncate(end)
+        fh.flush()
+        os.fsync(fh.fileno())
+    logger.warning("%s: cut a half-written last line (%d bytes) left by a run that was stopped "
+                   "while writing it; every complete record is kept", path.name,
+                   len(data) - end)
+    return len(data) - end
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -108,6 +151,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
             if m and p.is_dir():
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def newest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint with a manifest (not re-hashed: for messages and estimates)."""
+    good = [c for c in list_checkpoints(output_dir) if (c / MANIFEST).is_file()]
+    return good[-1] if good else None
 
 
 def latest_good_checkpoint(output_dir: Path) -> Path | None:
@@ -217,7 +266,8 @@ def write_trainer_files(trainer, model, trial, folder: Path, run_dir: Path) -> N
 def save_checkpoint_atomically(trainer, model, trial, extras: dict[str, Any]) -> Path:
     """checkpoint-N/ of `trainer`'s current step: transformers' files and `extras` ({file name:
     JSON object}) in a staging folder, then fsync, manifest, rename. Every process writes its
-    own share (sharded states); rank 0 renames."""
+    own share (sharded states); rank 0 renames. A failed save removes the staging folder; out of
+    disk space it raises DiskFullError."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     run_dir = Path(trainer._get_output_dir(trial=trial))
@@ -227,14 +277,45 @@ def save_checkpoint_atomically(trainer, model, trial, extras: dict[str, Any]) ->
     if should_save:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    write_trainer_files(trainer, model, trial, staging, run_dir)
-    if should_save:
-        for name, obj in extras.items():
-            write_json_atomic(staging / name, obj)
-    trainer.accelerator.wait_for_everyone()  # every process's files are in the folder
-    if should_save:
-        finalize_checkpoint(staging, final)
+    try:
+        write_trainer_files(trainer, model, trial, staging, run_dir)
+        if should_save:
+            for name, obj in extras.items():
+                write_json_atomic(staging / name, obj)
+        trainer.accelerator.wait_for_everyone()  # every process's files are in the folder
+        if should_save:
+            finalize_checkpoint(staging, final)
+    except Exception as e:
+        if should_save:
+            _save_failed(e, staging, final)
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.args.push_to_hub:
         trainer._push_from_checkpoint(str(final))
     return final
+
+
+def _save_failed(exc: Exception, staging: Path, final: Path) -> None:
+    """Remove the unfinished checkpoint; raise DiskFullError when the disk or quota was full
+    (any other error is the caller's to re-raise). The earlier checkpoints are untouched: a
+    folder is renamed into place, and rotated away, only after a complete save."""
+    kept = [c for c in list_checkpoints(final.parent) if (c / MANIFEST).is_file()]
+    staged = tree_bytes(staging)
+    # A checkpoint takes about what the previous one took; without one, at least what got written.
+    needed = max(staged, tree_bytes(kept[-1]) if kept else 0)
+    full = out_of_space(exc, final.parent, needed)
+    shutil.rmtree(staging, ignore_errors=True)
+    if not full:
+        return
+    logger.warning("removed %s: the save of %s ran out of disk space", staging, final.name)
+    intact = (f"every earlier checkpoint is intact (newest: {kept[-1].name})" if kept
+              else "no earlier checkpoint was written")
+    # Retention deletes the oldest only after the new one is complete: a save needs room for
+    # one more checkpoint beside those kept.
+    fewer = (f"lower --save-total-limit ({len(kept)} complete checkpoints are kept now, and a "
+             "save needs room for one more beside them), " if len(kept) > 1 else "")
+    raise DiskFullError(
+        disk_full_message(final.name, final.parent, needed or None)
+        + f" The partial save was removed and {intact}. Free some space, {fewer}or copy the "
+        "folder to another --output-dir with more space, then continue with --resume auto"
+    ) from exc

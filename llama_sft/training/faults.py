@@ -5,10 +5,12 @@ run. Imports transformers: import it where a trainer is built."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -31,6 +33,13 @@ class FaultInjection:
                                               raises torch.OutOfMemoryError half-way through its
                                               backward pass (after some gradients have been
                                               accumulated, the hardest case for a retry)
+    LLAMA_SFT_TEST_DISK_FULL=ERRNO@checkpoint-K | ERRNO@final_model
+                                              ERRNO (ENOSPC or EDQUOT) while writing checkpoint-K
+                                              (after its optimizer file is half-written, raised
+                                              as torch.save into a file object raises it) or
+                                              final_model/ (after the adapter, raised as
+                                              safetensors raises it: its own error, errno in the
+                                              message only)
     """
 
     save_delay: float = 0.0
@@ -38,6 +47,7 @@ class FaultInjection:
     step_delay: float = 0.0
     nonfinite: tuple[str, int] | None = None
     oom: tuple[int, int] | None = None
+    disk_full: tuple[int, str] | None = None  # (errno, "checkpoint-K" or "final_model")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "FaultInjection":
@@ -64,11 +74,13 @@ class FaultInjection:
             raise ValueError("LLAMA_SFT_TEST_NONFINITE must be nan@STEP or inf@STEP")
         oom = parse("LLAMA_SFT_TEST_OOM", int, True)
         return cls(save_delay=save[0] if save else 0.0, save_delay_step=save[1] if save else None,
-                   step_delay=step[0] if step else 0.0, nonfinite=nonfinite, oom=oom)
+                   step_delay=step[0] if step else 0.0, nonfinite=nonfinite, oom=oom,
+                   disk_full=_parse_disk_full(env.get("LLAMA_SFT_TEST_DISK_FULL", "")))
 
     @property
     def active(self) -> bool:
-        return bool(self.save_delay or self.step_delay or self.nonfinite or self.oom)
+        return bool(self.save_delay or self.step_delay or self.nonfinite or self.oom
+                    or self.disk_full)
 
     def attach(self, trainer) -> None:
         """Wrap the trainer's methods with the faults asked for (instance attributes: the class
@@ -82,6 +94,11 @@ class FaultInjection:
             trainer._micro_step = self._simulated_oom(trainer, trainer._micro_step)
         if self.step_delay:
             trainer.add_callback(_StepDelay(self.step_delay))
+        if self.disk_full is not None and self.disk_full[1] == "final_model":
+            trainer.model.save_pretrained = self._full_final_model(trainer.model.save_pretrained)
+        elif self.disk_full is not None:
+            trainer._save_optimizer_and_scheduler = self._full_checkpoint(
+                trainer._save_optimizer_and_scheduler)
 
     def _nonfinite_loss(self, trainer, compute_loss):
         kind, bad_step = self.nonfinite
@@ -122,6 +139,39 @@ class FaultInjection:
 
         return wrapped
 
+    def _full_checkpoint(self, save):
+        """The optimizer file of the target checkpoint is cut off half-way, then the error."""
+        code, target = self.disk_full
+
+        def wrapped(folder):
+            result = save(folder)
+            if Path(folder).name in (target, f".{target}.tmp"):
+                optimizer = Path(folder) / "optimizer.pt"
+                if optimizer.is_file():
+                    os.truncate(optimizer, optimizer.stat().st_size // 2)
+                try:
+                    raise OSError(code, os.strerror(code), str(optimizer))
+                except OSError:
+                    # What torch.save into a file object raises, with the OSError as context.
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
+                                       "pos 704 vs 598 (simulated: LLAMA_SFT_TEST_DISK_FULL)")
+            return result
+
+        return wrapped
+
+    def _full_final_model(self, save_pretrained):
+        """final_model's adapter is written, then the error safetensors raises (no errno)."""
+        code, _ = self.disk_full
+
+        def wrapped(save_directory, *args, **kwargs):
+            result = save_pretrained(save_directory, *args, **kwargs)
+            if Path(save_directory).name in ("final_model", ".final_model.tmp"):
+                raise RuntimeError(f"Error while serializing: I/O error: {os.strerror(code)} "
+                                   f"(os error {code}) (simulated: LLAMA_SFT_TEST_DISK_FULL)")
+            return result
+
+        return wrapped
+
     def save_delay_at(self, step: int) -> float:
         if self.save_delay_step is None or self.save_delay_step == step:
             return self.save_delay
@@ -132,6 +182,20 @@ class FaultInjection:
         if self.oom is None or step < self.oom[1]:
             return None
         return self.oom[0]
+
+
+def _parse_disk_full(raw: str) -> tuple[int, str] | None:
+    """ENOSPC@checkpoint-4 -> (errno.ENOSPC, "checkpoint-4")."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    name, _, target = raw.partition("@")
+    step = target.removeprefix("checkpoint-")
+    if name not in ("ENOSPC", "EDQUOT") or not (
+            target == "final_model" or (step != target and step.isdigit())):
+        raise ValueError(f"LLAMA_SFT_TEST_DISK_FULL={raw!r}: expected ENOSPC or EDQUOT, then "
+                         "@checkpoint-STEP or @final_model")
+    return getattr(errno, name), target
 
 
 def _arm_simulated_oom(model):

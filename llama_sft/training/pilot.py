@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from llama_sft.config import PilotArgs
-from llama_sft.data.loader import file_sha256, load_and_validate, load_examples
+from llama_sft.data.cache import open_or_build
+from llama_sft.data.loader import file_sha256, load_and_validate
 from llama_sft.data.prompts import (
     generation_prompt,
     resolve_prompt_format,
     sample_prompts_from,
 )
+from llama_sft.data.sources import source_kind
 from llama_sft.data.splits import dataset_hash, split_examples
-from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
+from llama_sft.data.tokenize import tokenize_examples
 from llama_sft.errors import DatasetError
 from llama_sft.evaluation.generate import generate
 from llama_sft.evaluation.metrics import aggregate, perplexity, score_example
@@ -29,9 +31,10 @@ from llama_sft.files import write_json_atomic
 from llama_sft.layout import METRICS, PILOT_EVALUATION, RUN_OUTPUTS, RunConfig
 from llama_sft.modeling.load import load_model, load_tokenizer, resolve_base_model
 from llama_sft.modeling.loss import mean_supervised_loss
+from llama_sft.modeling.merge import generation_model, generation_route
 from llama_sft.training.outputs import check_output_dir, finish_outputs
 from llama_sft.training.recipe import run_sft
-from llama_sft.training.train import make_run_config
+from llama_sft.training.train import cache_spec, make_run_config
 
 logger = logging.getLogger("llama_sft")
 
@@ -77,18 +80,20 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
     """Full-training time on --dataset at the measured throughput (same model and settings)."""
 
     path = cfg.dataset
-    if not path or not Path(path).is_file():
+    if not path or source_kind(path) == "missing":
         return {"available": False,
                 "reason": f"--dataset {path} not found" if path else "no --dataset given"}
-    examples = load_examples(path, field_map=cfg.field_map, skip_invalid=True)
-    splits, _ = split_examples(examples, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
-    stats = TokenizeStats()
-    tokenize_examples(splits["train"], tokenizer, max_length=cfg.max_length,
-                      prompt_format=prompt_format, label_mode=cfg.label_mode, stats=stats)
+    # Through the tokenized cache: the full training run with these flags then finds it built.
+    try:
+        cache = open_or_build(cache_spec(cfg, path, tokenizer, prompt_format))
+    except DatasetError as e:
+        return {"available": False, "reason": str(e)}
+    splits, _ = cache.split(val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
+    stats = cache.stats(splits["train"])
     epochs = cfg.num_epochs
     tokens = stats.total_tokens * epochs
     seconds = tokens / max(tokens_per_second, 1e-9)
-    return {"available": True, "dataset": Path(path).name, "train_examples": len(splits["train"]),
+    return {"available": True, "dataset": Path(path).name, "train_examples": int(len(splits["train"])),
             "epochs": epochs, "tokens": int(tokens),
             "measured_tokens_per_second": round(tokens_per_second, 1),
             "projected_seconds": round(seconds), "projected_hours": round(seconds / 3600, 2),
@@ -124,10 +129,16 @@ def split_golden(cfg: PilotArgs):
 
 def evaluate_held_out(model, tokenizer, cfg: PilotArgs, rows, prompts, examples,
                       stats: dict[str, Any] | None = None) -> HeldOutResult:
-    """Teacher-forced loss and scored greedy generations of `model` on the held-out part."""
+    """Teacher-forced loss (through `model`) and scored greedy generations on the held-out
+    part. Both the base and the tuned model generate through modeling/merge.py's plain copy
+    where it fits (4-bit weights de-quantized, LoRA merged), so their speeds compare like for
+    like and the tuned model is not slowed by unmerged LoRA layers."""
     loss = mean_supervised_loss(model, rows, tokenizer.pad_token_id)
-    gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.eval_batch_size, progress=True, stats=stats)
+    stats = {} if stats is None else stats
+    with generation_model(model) as gen_model:
+        stats["through"] = generation_route(model, gen_model)
+        gens = generate(gen_model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.eval_batch_size, progress=True, stats=stats)
     _, summary = score_generations(examples, gens, cfg.answer_regex)
     return HeldOutResult(loss, gens, summary)
 
@@ -222,7 +233,9 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
                        trust_remote_code=cfg.trust_remote_code, for_training=True)
     logger.info("before training: evaluating the base model on %d held-out examples",
                 len(held_out))
-    base = evaluate_held_out(model, tokenizer, cfg, held_rows, prompts, held_out)
+    base_gen_stats: dict[str, Any] = {}
+    base = evaluate_held_out(model, tokenizer, cfg, held_rows, prompts, held_out,
+                             stats=base_gen_stats)
     result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=held_rows,
                      sample_prompts=sample_prompts_from(held_out, tokenizer, fmt,
                                                         cfg.num_sample_prompts),
@@ -254,7 +267,7 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
                      "base_output": b.text, "tuned_output": t.text}
                     for ex, p, b, t in list(zip(held_out, prompts, base.generations,
                                                 tuned.generations))[:10]],
-        "generation": gen_stats,
+        "generation": _generation_section(gen_stats, base_gen_stats),
         "projection": project_full_training(cfg, tokenizer, fmt,
                                             train_results["tokens_per_second"]),
         "checks": checks, "go": all(c["passed"] for c in checks.values()),
@@ -264,6 +277,16 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
     }
     write_json_atomic(output_dir / PILOT_EVALUATION, report)
     return report
+
+
+def _generation_section(tuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The tuned model's generation figures, the base model's beside them, and their ratio
+    (tokens/s also depends on how long the answers are: a tuned model that stops sooner
+    spends a larger share of its time on the prompts)."""
+    ratio = (tuned.get("tokens_per_second", 0.0) / base["tokens_per_second"]
+             if base.get("tokens_per_second") else None)
+    return {**tuned, "base": base,
+            "tuned_over_base_tokens_per_second": None if ratio is None else round(ratio, 3)}
 
 
 def _check(passed: bool, reason: str) -> dict[str, Any]:
@@ -303,6 +326,10 @@ def format_summary(r: dict[str, Any]) -> str:
     for cat in by_a:
         lines.append(f"    {cat:<24} {by_b[cat]['task_score']:.2f} -> {by_a[cat]['task_score']:.2f}"
                      f"  (n={by_a[cat]['n']})")
+    g = r.get("generation") or {}
+    if g.get("base"):
+        lines.append(f"  generation: base {g['base'].get('tokens_per_second', 0):.0f} tok/s, tuned "
+                     f"{g.get('tokens_per_second', 0):.0f} tok/s ({g.get('through', '')})")
     p = r["projection"]
     if p.get("available"):
         lines.append(f"  full training on {p['dataset']} ({p['train_examples']} examples x "

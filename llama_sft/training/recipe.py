@@ -214,8 +214,8 @@ def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list
                             "would split its micro-batches differently); leave it out and set "
                             "--batch-size / --gradient-accumulation-steps")
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=TokenizedDataset(train_rows),
-        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
+        model=model, args=args, train_dataset=_as_dataset(train_rows),
+        eval_dataset=_as_dataset(eval_rows) if eval_rows else None,
         data_collator=PadCollator(tokenizer.pad_token_id,
                                   pad_to_multiple_of=8 if run.device == "cuda" else None,
                                   example_ids=True),
@@ -239,6 +239,11 @@ def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list
             early_stopping_patience=cfg.early_stopping_patience))
     FaultInjection.from_env().attach(trainer)
     return trainer
+
+
+def _as_dataset(rows) -> TokenizedDataset:
+    """Rows of the tokenized cache as they are; a list of rows (the pilot's) wrapped."""
+    return rows if isinstance(rows, TokenizedDataset) else TokenizedDataset(rows)
 
 
 def train(cfg: Any, run: RunSetup, trainer) -> tuple[Any, float]:

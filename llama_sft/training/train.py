@@ -16,10 +16,11 @@ from typing import Any
 
 from llama_sft.cli import is_main_process
 from llama_sft.config import TrainArgs
-from llama_sft.data.loader import LoadStats, file_sha256, load_and_validate
+from llama_sft.data.batching import TokenizedDataset
+from llama_sft.data.cache import CacheSpec, TokenizedCache, open_or_build
+from llama_sft.data.loader import load_and_validate
 from llama_sft.data.prompts import resolve_prompt_format, sample_prompts_from, stop_token_ids
 from llama_sft.data.schemas import Example
-from llama_sft.data.splits import dataset_hash, split_examples
 from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
 from llama_sft.errors import ConfigError, DatasetError
 from llama_sft.layout import TEST_SPLIT, RunConfig
@@ -45,52 +46,60 @@ def make_run_config(cfg: Any, *, stage: str, base_model: str, tokenizer, prompt_
 
 @dataclass
 class TrainingData:
-    """The validated, split data of a run."""
+    """The validated, tokenized data of a run: the cache (memory-mapped rows), the example
+    indices of each split, the golden set and what the split removed."""
 
-    examples: list[Example]
+    cache: TokenizedCache
     golden: list[Example]
-    splits: dict[str, list[Example]]
+    splits: dict[str, Any]  # split name -> example indices into the cache, in file order
     removed: dict[str, int]
-    load_stats: LoadStats
 
 
-def load_data(cfg: TrainArgs) -> TrainingData:
-    """--dataset and --golden-set validated (file:line errors), split by content hash, with the
-    golden set removed from every split."""
+def load_data(cfg: TrainArgs, tokenizer, prompt_format: str) -> TrainingData:
+    """--dataset validated (file:line errors) and tokenized through the cache (opened when it
+    holds this data and tokenizer, else built), split by content hash with the golden set
+    removed from every split."""
     if not cfg.dataset:
         raise ConfigError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
-    examples, load_stats = load_and_validate(cfg.dataset, field_map=cfg.field_map,
-                                             skip_invalid=cfg.skip_invalid)
     golden = []
     if cfg.golden_set:
         golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
                                       skip_invalid=cfg.skip_invalid, what="--golden-set")
-    splits, removed = split_examples(examples, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
-                                     golden=golden)
-    if not splits["train"]:
+    cache = open_or_build(cache_spec(cfg, cfg.dataset, tokenizer, prompt_format))
+    splits, removed = cache.split(val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
+                                  golden=golden)
+    if not len(splits["train"]):
         raise DatasetError(f"--dataset {cfg.dataset}: no examples left for training after the "
                            f"val/test split ({removed})")
-    return TrainingData(examples, golden, splits, removed, load_stats)
+    return TrainingData(cache, golden, splits, removed)
+
+
+def cache_spec(cfg: Any, dataset: str, tokenizer, prompt_format: str) -> CacheSpec:
+    return CacheSpec(dataset=dataset, tokenizer=tokenizer, prompt_format=prompt_format,
+                     max_length=cfg.max_length, label_mode=cfg.label_mode,
+                     field_map=cfg.field_map, skip_invalid=cfg.skip_invalid,
+                     cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
 
 
 def tokenize_data(cfg: TrainArgs, data: TrainingData, tokenizer, prompt_format: str):
-    """(train rows, eval rows, truncation counts); eval on the val split, else the golden set."""
-    stats = TokenizeStats()
-    train_rows = tokenize_examples(data.splits["train"], tokenizer, max_length=cfg.max_length,
-                                   prompt_format=prompt_format, label_mode=cfg.label_mode,
-                                   stats=stats)
-    eval_source = data.splits["val"] or data.golden
-    eval_rows = tokenize_examples(eval_source, tokenizer, max_length=cfg.max_length,
-                                  prompt_format=prompt_format,
-                                  label_mode=cfg.label_mode) if eval_source else []
+    """(train rows, eval rows, truncation counts of the train split); eval on the val split,
+    else the golden set. Rows of the cache are read per batch."""
+    stats = data.cache.stats(data.splits["train"])
+    train_rows = data.cache.training_rows(data.splits["train"])
+    if len(data.splits["val"]):
+        eval_rows = data.cache.training_rows(data.splits["val"])
+    else:
+        eval_rows = TokenizedDataset(tokenize_examples(
+            data.golden, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format,
+            label_mode=cfg.label_mode)) if data.golden else None
+    sizes = {k: len(v) for k, v in data.splits.items()}
     logger.info("data: %d train, %d val, %d test, %d golden | removed %s | truncated: %d context, "
                 "%d response; dropped (no supervised token): %d; conversations shortened: %d "
-                "(%d earliest exchanges dropped)", len(data.splits["train"]),
-                len(data.splits["val"]), len(data.splits["test"]), len(data.golden),
-                data.removed or "nothing", stats.context_truncated, stats.response_truncated,
-                stats.dropped_no_supervised_tokens, stats.conversations_shortened,
-                stats.exchanges_dropped)
-    if not train_rows:
+                "(%d earliest exchanges dropped)", sizes["train"], sizes["val"], sizes["test"],
+                len(data.golden), data.removed or "nothing", stats.context_truncated,
+                stats.response_truncated, stats.dropped_no_supervised_tokens,
+                stats.conversations_shortened, stats.exchanges_dropped)
+    if not len(train_rows):
         raise DatasetError("every training example was dropped: no room for the response within "
                            f"--max-length {cfg.max_length}; raise it")
     return train_rows, eval_rows, stats
@@ -98,24 +107,35 @@ def tokenize_data(cfg: TrainArgs, data: TrainingData, tokenizer, prompt_format: 
 
 def dataset_info(cfg: TrainArgs, data: TrainingData, stats: TokenizeStats) -> dict[str, Any]:
     """What run_config.json records about the data (names and hashes, never contents)."""
+    meta = data.cache.meta
     return {
-        "path": Path(cfg.dataset).name, "file_sha256": file_sha256(cfg.dataset),
-        "dataset_hash": dataset_hash(data.examples),
+        "path": Path(cfg.dataset).name, "file_sha256": meta["parts"]["data_sha256"],
+        "dataset_hash": meta["dataset_hash"],
         "golden_set": Path(cfg.golden_set).name if cfg.golden_set else None,
         "splits": {k: len(v) for k, v in data.splits.items()}, "removed": data.removed,
-        "skipped_invalid": data.load_stats.skipped_invalid, "tokenization": stats.to_dict(),
-        "eval_on": "val" if data.splits["val"] else ("golden_set" if data.golden else None),
+        "skipped_invalid": meta["skipped_invalid"], "tokenization": stats.to_dict(),
+        "eval_on": "val" if len(data.splits["val"]) else ("golden_set" if data.golden else None),
+        "tokenized_cache": {"key": data.cache.key, "path": str(data.cache.path)},
     }
 
 
-def write_test_split(output_dir: Path, test: list[Example]) -> None:
-    """test.jsonl: the hash-based test split, for llama_evaluate.py (rank 0)."""
-    if not test or not is_main_process():
+def write_test_split(output_dir: Path, data: TrainingData) -> None:
+    """test.jsonl: the hash-based test split, for llama_evaluate.py (rank 0), streamed from the
+    cache."""
+    if not len(data.splits["test"]) or not is_main_process():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / TEST_SPLIT, "w", encoding="utf-8") as fh:
-        for ex in test:
+        for ex in data.cache.examples(data.splits["test"]):
             fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+
+
+def sample_examples(cfg: TrainArgs, data: TrainingData) -> list[Example]:
+    """The examples whose generations are logged at each evaluation: the golden set's first,
+    else the val split's."""
+    if data.golden:
+        return data.golden[:cfg.num_sample_prompts]
+    return list(data.cache.examples(data.splits["val"][:cfg.num_sample_prompts]))
 
 
 def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
@@ -125,16 +145,16 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     if cfg.dataset:
         check_output_dir(output_dir, cfg.resume)
-    data = load_data(cfg)
     base_model = resolve_base_model(cfg.model_size, cfg.base_model)
     tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, cfg.prompt_format)
+    data = load_data(cfg, tokenizer, prompt_format)
     train_rows, eval_rows, stats = tokenize_data(cfg, data, tokenizer, prompt_format)
     info = dataset_info(cfg, data, stats)
     run_config = make_run_config(cfg, stage="train", base_model=base_model, tokenizer=tokenizer,
                                  prompt_format=prompt_format, dataset_info=info)
-    write_test_split(output_dir, data.splits["test"])
-    samples = sample_prompts_from(data.golden or data.splits["val"], tokenizer, prompt_format,
+    write_test_split(output_dir, data)
+    samples = sample_prompts_from(sample_examples(cfg, data), tokenizer, prompt_format,
                                   cfg.num_sample_prompts)
     result = run_sft(cfg, output_dir=output_dir, train_rows=train_rows, eval_rows=eval_rows,
                      sample_prompts=samples, run_config=run_config, tokenizer=tokenizer,

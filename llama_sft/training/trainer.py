@@ -136,7 +136,7 @@ class SFTTrainer(Trainer):
         # process count draws the same rows for each optimizer step: accelerate hands
         # consecutive per-process batches to consecutive processes.
         return GroupedLengthSampler(
-            [len(r["input_ids"]) for r in ds.rows],
+            ds.lengths,
             self.args.train_batch_size * self.args.gradient_accumulation_steps
             * max(1, self.args.world_size))
 
@@ -280,6 +280,16 @@ class SFTTrainer(Trainer):
                 f"trainable weights became NaN or inf by step {step}{first}; the checkpoint "
                 f"of step {step} was not written and the earlier ones are untouched. Lower "
                 "--learning-rate, check the data, or avoid fp16.")
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        """transformers 5.24.0 checks max_steps only after a step, so a resume from a checkpoint
+        at max_steps that ends mid-epoch trained one step too many (a run whose final-model save
+        failed, or one stopped by a signal in its last step): such a resume trains nothing.
+        tests/test_faults.py's final-model disk-full resume logs a ninth step without it."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written atomically (training/checkpoints.py)."""
