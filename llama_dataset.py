@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="Print the dataset report.")
     p.add_argument("--prepare", action="store_true", help="Validate and tokenize --dataset into "
                    "the tokenized cache now (what llama_train.py would do before its first "
-                   "step) and print its key, size and path.")
+                   "step) and print its key, size and path; with --report or --output, the report is read "
+                   "from the cache (one pass for both).")
     p.add_argument("--output", help="Write the report as JSON to this file (an earlier report "
                    "there is replaced; any other file is refused).")
     return p
@@ -69,10 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llama_sft.data.report import format_prepare, format_report, run_prepare, run_report
 
         if prepare:
-            print(format_prepare(run_prepare(cfg)))
-            if not show and not output:
+            # --report / --output with --prepare: the report comes from the cache's columns.
+            prepared, report = run_prepare(cfg, report=bool(show or output), output=output)
+            print(format_prepare(prepared))
+            if report is None:
                 return 0
-        report = run_report(cfg, output)
+        else:
+            report = run_report(cfg, output)
         if show or not output:
             print(format_report(report))
         if output:

@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -216,6 +217,258 @@ def _measure_report(res: dict, label: str, code_dir: Path, data: Path, small: Pa
     return res
 
 
+# --------------------------------------------------------------------------------------
+# The tokenized cache (issue 12): today's path against the cache, on --rows (1,000,000)
+# --------------------------------------------------------------------------------------
+
+# Today's path before the cache, in a fresh child: what llama_train.py did with --dataset
+# (load every example, split, tokenize the train split into Python lists).
+LEGACY = r"""
+import json, re, sys, time
+sys.path.insert(0, sys.argv[1])
+def status(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+from llama_sft.data.loader import load_examples
+from llama_sft.data.splits import split_examples
+from llama_sft.data.tokenize import tokenize_examples
+from llama_sft.modeling.load import load_tokenizer
+tok = load_tokenizer("smollm2-135m")
+rss0 = status("VmRSS")
+t0 = time.perf_counter()
+examples = load_examples(sys.argv[2])
+splits, _ = split_examples(examples, val_ratio=0.05, test_ratio=0.05)
+rows = tokenize_examples(splits["train"], tok, max_length=512, prompt_format="auto")
+print(json.dumps({"seconds": time.perf_counter() - t0, "rows": len(examples),
+                  "train_rows": len(rows), "peak_above_mb": status("VmHWM") - rss0,
+                  "held_mb": status("VmRSS") - rss0}))
+"""
+
+
+def _status_mb(pid: int) -> dict[str, float]:
+    """RssAnon (the process's own memory), RssFile (mapped files: the Arrow cache, libraries;
+    the kernel can drop these pages) and VmRSS, in MB."""
+    out = {}
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def run_watched(cmd: list[str], env: dict, marks: dict[str, str], *, stop_at: str | None = None,
+                log: Path, cwd: Path = ROOT, timeout: float = 3600) -> dict:
+    """Run `cmd` (stdout and stderr into `log`), polling memory every 0.1 s: the process's own
+    peak RssAnon and VmRSS, the summed RSS of the whole process tree (tokenizer workers), and,
+    at the first output line containing each of `marks`' texts, the time since the start and
+    the process's memory. Killed (SIGKILL) once the `stop_at` mark is seen."""
+    import psutil
+    import threading
+
+    t0 = time.perf_counter()
+    seen: dict[str, dict] = {}
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def reader():
+        with open(log, "w", encoding="utf-8") as fh:
+            for line in proc.stdout:
+                fh.write(line)
+                lines.append(line)
+                for name, text in marks.items():
+                    if name not in seen and text in line:
+                        seen[name] = {"seconds": time.perf_counter() - t0, **_status_mb(proc.pid)}
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    peak = {"anon_mb": 0.0, "rss_mb": 0.0, "tree_mb": 0.0, "workers": 0}
+    names: set[str] = set()
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        st = _status_mb(proc.pid)
+        peak["anon_mb"] = max(peak["anon_mb"], st.get("RssAnon", 0.0))
+        peak["rss_mb"] = max(peak["rss_mb"], st.get("VmRSS", 0.0))
+        try:
+            kids = root.children(recursive=True)
+            tree = st.get("VmRSS", 0.0) + sum(k.memory_info().rss for k in kids) / 2**20
+            peak["tree_mb"] = max(peak["tree_mb"], tree)
+            peak["workers"] = max(peak["workers"], len(kids))
+            for k in kids:
+                names.add(" ".join(k.cmdline()[:3])[:120])
+        except psutil.Error:
+            pass
+        if stop_at and stop_at in seen:
+            proc.kill()
+            break
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+            raise SystemExit(f"{cmd} ran over {timeout} s; log: {log}")
+        time.sleep(0.1)
+    proc.wait()
+    th.join(timeout=10)
+    wall = time.perf_counter() - t0
+    if proc.returncode and not (stop_at and stop_at in seen):
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); log: {log}\n"
+                         + "".join(lines[-30:]))
+    return {"seconds": wall, "marks": seen, "peak": peak, "children": sorted(names),
+            "lines": lines}
+
+
+def tiny_model(folder: Path) -> Path:
+    """A 2-layer random LLaMA with the embedded model's tokenizer (what the multi-process tests
+    use): for the two-process case, where the model does not matter."""
+    code = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import LlamaConfig, LlamaForCausalLM
+from llama_sft.modeling.load import load_tokenizer
+tok = load_tokenizer("smollm2-135m")
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+LlamaForCausalLM(cfg).save_pretrained(sys.argv[2])
+tok.save_pretrained(sys.argv[2])
+"""
+    if not (folder / "config.json").is_file():
+        subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], check=True,
+                       env={**os.environ, **CHILD_ENV})
+    return folder
+
+
+def cache_case(args, work: Path, data: Path, small: Path) -> dict:
+    """The 1M-row comparison: today's path (on --legacy-rows, scaled to --rows when smaller),
+    the cache's first build with num_proc 1 and 2 (`llama_dataset.py --prepare`), a second
+    `llama_train.py` run up to its first step, and two torchrun processes building one cache."""
+    env = {**os.environ, **CHILD_ENV}
+    env.pop("RAYON_NUM_THREADS", None)  # each tokenizer process on one thread is set below
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    py = sys.executable
+    res: dict = {"rows": args.rows}
+    scale = args.rows / args.legacy_rows
+
+    # 1. Today's path.
+    legacy_data = data if args.legacy_rows == args.rows else work / f"sft_{args.legacy_rows}.jsonl"
+    if legacy_data != data:
+        make_dataset(legacy_data, args.legacy_rows)
+    proc = subprocess.run([py, "-c", LEGACY, str(ROOT), str(legacy_data)], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"legacy child failed:\n{proc.stderr[-3000:]}")
+    leg = json.loads(proc.stdout.strip().splitlines()[-1])
+    leg["scaled_to_rows"] = {"seconds": leg["seconds"] * scale,
+                             "peak_above_mb": leg["peak_above_mb"] * scale}
+    res["legacy"] = leg
+    print(f"today's path (load + split + tokenize the train split), {leg['rows']} rows: "
+          f"{leg['seconds']:.1f} s, +{leg['peak_above_mb']:.0f} MB peak, "
+          f"+{leg['held_mb']:.0f} MB held"
+          + (f"; x{scale:g} for {args.rows} rows: ~{leg['scaled_to_rows']['seconds']:.0f} s, "
+             f"~+{leg['scaled_to_rows']['peak_above_mb'] / 1024:.1f} GB" if scale != 1 else ""),
+          flush=True)
+
+    # 2. First builds: llama_dataset.py --prepare, num_proc 1 and 2, and its 100-row baseline.
+    def prepare(path: Path, cache: Path, num_proc: int, name: str) -> dict:
+        shutil.rmtree(cache, ignore_errors=True)
+        r = run_watched([py, "llama_dataset.py", "--dataset", str(path), "--model-size", "135m",
+                         "--prepare", "--num-proc", str(num_proc), "--cache-dir", str(cache)],
+                        env, {}, log=work / f"{name}.log")
+        r.pop("lines")
+        return r
+
+    base = prepare(small, work / "cache_small", 1, "prepare_small")
+    res["prepare_baseline"] = base
+    print(f"--prepare, 100 rows (baseline): {base['seconds']:.1f} s, peak RSS "
+          f"{base['peak']['rss_mb']:.0f} MB (RssAnon {base['peak']['anon_mb']:.0f})", flush=True)
+    for n in args.num_procs:
+        r = prepare(data, work / f"cache_np{n}", n, f"prepare_np{n}")
+        r["main_anon_above_baseline_mb"] = r["peak"]["anon_mb"] - base["peak"]["anon_mb"]
+        r["cache_mb"] = tree_mb(work / f"cache_np{n}")
+        res[f"prepare_num_proc_{n}"] = r
+        print(f"--prepare --num-proc {n}, {args.rows} rows: {r['seconds']:.1f} s; main process "
+              f"peak RSS {r['peak']['rss_mb']:.0f} MB (RssAnon {r['peak']['anon_mb']:.0f}, "
+              f"+{r['main_anon_above_baseline_mb']:.0f} above the 100-row run); whole tree "
+              f"{r['peak']['tree_mb']:.0f} MB with {r['peak']['workers']} worker(s); cache "
+              f"{r['cache_mb']:.0f} MB", flush=True)
+
+    # 3. A second training run on the built cache, up to its first step (then killed).
+    def second(path: Path, cache: Path, name: str) -> dict:
+        out = work / f"{name}_out"
+        shutil.rmtree(out, ignore_errors=True)
+        r = run_watched([py, "llama_train.py", "--model-size", "135m", "--dataset", str(path),
+                         "--cache-dir", str(cache), "--output-dir", str(out), "--max-steps", "2",
+                         "--batch-size", "1", "--gradient-accumulation-steps", "1",
+                         "--logging-steps", "1"], env,
+                        {"cache": "tokenized cache", "data_ready": "data: ",
+                         "first_step": "step 1/"}, stop_at="first_step", log=work / f"{name}.log")
+        r["cache_line"] = next((ln.strip() for ln in r.pop("lines") if "tokenized cache" in ln), "")
+        return r
+
+    cache = work / f"cache_np{args.num_procs[-1]}"
+    sb = second(small, work / "cache_small", "train_small")
+    st = second(data, cache, "train_second")
+    res["second_run_baseline"], res["second_run"] = sb, st
+    m, mb_ = st["marks"], sb["marks"]
+    st["data_anon_above_baseline_mb"] = m["data_ready"]["RssAnon"] - mb_["data_ready"]["RssAnon"]
+    print(f"second llama_train.py run, {args.rows} rows: '{st['cache_line']}'\n"
+          f"  data ready at {m['data_ready']['seconds']:.1f} s (100-row run: "
+          f"{mb_['data_ready']['seconds']:.1f} s), first step at {m['first_step']['seconds']:.1f} s"
+          f" (100-row run: {mb_['first_step']['seconds']:.1f} s)\n"
+          f"  when the data is ready: RssAnon {m['data_ready']['RssAnon']:.0f} MB (100-row run "
+          f"{mb_['data_ready']['RssAnon']:.0f}: +{st['data_anon_above_baseline_mb']:.0f} MB), "
+          f"RssFile {m['data_ready']['RssFile']:.0f} MB (mapped files, 100-row run "
+          f"{mb_['data_ready']['RssFile']:.0f})", flush=True)
+
+    # 4. Two processes (torchrun, gloo, a tiny model) on one cold cache: tokenized once.
+    two_data = work / f"sft_{args.two_rank_rows}.jsonl"
+    if not two_data.exists():
+        make_dataset(two_data, args.two_rank_rows)
+    model = tiny_model(work / "tiny_llama")
+    two_cache = work / "cache_two"
+    shutil.rmtree(two_cache, ignore_errors=True)
+    shutil.rmtree(work / "two_out", ignore_errors=True)
+    r = run_watched([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                     "llama_train.py", "--base-model", str(model), "--model-size", "135m",
+                     "--dataset", str(two_data), "--cache-dir", str(two_cache),
+                     "--output-dir", str(work / "two_out"), "--max-steps", "1",
+                     "--val-ratio", "0.01", "--batch-size", "1"],
+                    {**env, "OMP_NUM_THREADS": "1", "LLAMA_SFT_LOG_ALL_RANKS": "1"}, {"first_step": "step 1/"},
+                    log=work / "two_ranks.log")
+    lines = r.pop("lines")
+    built = [ln.split("]")[0].split("[")[-1] for ln in lines if "tokenized cache built" in ln]
+    hits = [ln.split("]")[0].split("[")[-1] for ln in lines if "tokenized cache hit" in ln]
+    misses = [ln.split("]")[0].split("[")[-1] for ln in lines if "tokenized cache miss" in ln]
+    keys = [p.name for p in (two_cache / "tokenized").iterdir()]
+    r.update(built=built, hits=hits, misses=misses, cache_folders=keys)
+    res["two_ranks"] = r
+    print(f"torchrun, 2 processes, {args.two_rank_rows} rows, cold cache: {r['seconds']:.1f} s; "
+          f"'tokenized cache miss' on {misses}, 'built' on {built}, 'hit' on {hits}; cache folders "
+          f"{keys}", flush=True)
+
+    # Verdicts against the issue's targets.
+    prep_peak = max(res[f"prepare_num_proc_{n}"]["main_anon_above_baseline_mb"]
+                    for n in args.num_procs)
+    res["targets"] = {
+        "training data RssAnon above the 100-row run < 1024 MB":
+            st["data_anon_above_baseline_mb"] < 1024,
+        "preparation main-process RssAnon above the 100-row run < 1024 MB": prep_peak < 1024,
+        "second run: cache hit, no tokenization": "tokenized cache hit" in st["cache_line"],
+        "second run: data ready < 10 s": m["data_ready"]["seconds"] < 10,
+        "two ranks tokenize once": (misses == built == ["rank 0"] and hits == ["rank 1"]
+                                    and len(keys) == 1),
+    }
+    for k, ok in res["targets"].items():
+        print(f"{'PASS' if ok else 'FAIL'}: {k}")
+    return res
+
+
+def tree_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
 def machine() -> dict:
     cpu = cpu_model_name()
     mem = ""
@@ -242,6 +495,16 @@ def main(argv=None) -> int:
                    help="measure N times, alternating the revisions (timings on a shared "
                         "machine vary: compare the fastest of each)")
     p.add_argument("--only-report", action="store_true", help="measure the report command only")
+    p.add_argument("--cache", action="store_true",
+                   help="the tokenized-cache case instead (issue 12; use with --rows 1000000): "
+                        "today's path vs the cache's first build, a second run and two ranks")
+    p.add_argument("--legacy-rows", type=int, default=200_000,
+                   help="with --cache: rows today's path is measured on, scaled to --rows (it "
+                        "holds ~17 KB a row: 1M rows would not fit beside the rest here)")
+    p.add_argument("--num-procs", type=int, nargs="+", default=[1, 2],
+                   help="with --cache: the --num-proc values of the first builds")
+    p.add_argument("--two-rank-rows", type=int, default=100_000,
+                   help="with --cache: rows of the two-process (torchrun) case")
     args = p.parse_args(argv)
     if args.quick:
         args.tokenize_rows = 0
@@ -252,6 +515,12 @@ def main(argv=None) -> int:
     make_dataset(small, 100)
     mb = info["bytes"] / 2**20
     print(f"dataset: {data} ({info['rows']} rows, {mb:.1f} MiB)")
+    if args.cache:
+        results = {"machine": machine(), "dataset": {**info, "mb": mb, "path": str(data)},
+                   "cache": cache_case(args, work, data, small)}
+        (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {work / 'results.json'}")
+        return 0 if all(results["cache"]["targets"].values()) else 1
     results = {"machine": machine(), "dataset": {**info, "mb": mb, "path": str(data)},
                "bound": f"report peak RSS above its 100-row baseline < {REPORT_BOUND} x file size"}
     codes = {"current": ROOT}

@@ -128,15 +128,20 @@ def silence_known_noise() -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """One module logger; only rank 0 prints at INFO. Known third-party noise is filtered
-    (silence_known_noise)."""
+    """One module logger; only rank 0 prints at INFO (every rank, each line tagged with its
+    rank, when LLAMA_SFT_LOG_ALL_RANKS=1: for debugging a distributed run). Known third-party
+    noise is filtered (silence_known_noise)."""
     silence_known_noise()
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.INFO if rank == 0 else logging.WARNING
+    all_ranks = os.environ.get("LLAMA_SFT_LOG_ALL_RANKS") == "1"
+    level = logging.INFO if rank == 0 or all_ranks else logging.WARNING
     if verbose:
         level = logging.DEBUG
+    fmt = "%(asctime)s %(levelname)s %(message)s"
+    if all_ranks and "WORLD_SIZE" in os.environ:
+        fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False

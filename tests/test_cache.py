@@ -236,3 +236,56 @@ def test_prepare_prints_key_and_train_hits(tmp_path):
                             "--cache-dir", str(tmp_path)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert f"tokenized cache already there: key {key}" in again.stdout
+
+
+def test_disk_full_during_a_build_removes_it_and_keeps_other_caches(tok, tmp_path, monkeypatch,
+                                                                      capsys):
+    import errno
+
+    import datasets
+
+    import llama_dataset
+
+    kept = open_or_build(spec(tok, MULTITURN, tmp_path / "c"))
+    save = datasets.Dataset.save_to_disk
+
+    def full(self, path, *a, **k):
+        # Half the files written, then the error a full disk gives.
+        save(self, path, *a, **k)
+        next(Path(path).glob("*.arrow")).write_bytes(b"\0" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    with pytest.raises(cache_mod.DiskFullError, match=r"tokenized dataset cache .*--cache-dir"):
+        open_or_build(spec(tok, SAMPLE, tmp_path / "c"))
+    root = tmp_path / "c" / "tokenized"
+    assert sorted(p.name for p in root.iterdir()) == [kept.key]  # no staging left behind
+    assert open_or_build(spec(tok, MULTITURN, tmp_path / "c")).hit  # the earlier cache intact
+    # The command: exit 1 and the message on stderr.
+    code = llama_dataset.main(["--dataset", str(SAMPLE), "--model-size", "135m", "--prepare",
+                               "--max-length", "96", "--cache-dir", str(tmp_path / "c")])
+    assert code == 1
+    assert "not enough disk space to write the tokenized dataset cache" in capsys.readouterr().err
+    monkeypatch.undo()
+    built = open_or_build(spec(tok, SAMPLE, tmp_path / "c"))
+    assert not built.hit and built.rows == len(load_examples(SAMPLE))
+
+
+@pytest.mark.parametrize("path,label_mode", [(SAMPLE, "all"), (MULTITURN, "last")])
+def test_report_from_the_cache_equals_the_streaming_report(tok, tmp_path, path, label_mode):
+    # --prepare --report reads the report from the cache's columns; it must be the report the
+    # streaming pass makes (max_length 96 so that truncation, drops and shortening are counted).
+    from llama_sft.data.loader import LoadStats, iter_examples
+    from llama_sft.data.report import build_report, report_from_cache
+
+    golden = load_examples(GOLDEN)
+    s = spec(tok, path, tmp_path, label_mode=label_mode)
+    cache = open_or_build(s)
+    stats = LoadStats()
+    ref = build_report(iter_examples(str(path), stats=stats), tok, path=str(path), max_length=96,
+                       prompt_format=s.prompt_format, val_ratio=0.1, test_ratio=0.1,
+                       golden=golden, load_stats=stats, label_mode=label_mode)
+    got = report_from_cache(cache, tok, path=str(path), val_ratio=0.1, test_ratio=0.1,
+                            golden=golden)
+    assert got == ref
+    assert ref["would_truncate"] > 0  # the comparison covered the fitting counts

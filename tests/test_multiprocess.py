@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(argv, nproc, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), "LLAMA_SFT_LOG_ALL_RANKS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "llama_train.py"), *argv]
     else:
@@ -34,11 +34,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
               "--lora-dropout", "0", "--gradient-accumulation-steps", "1"]
     one = tiny_args(tmp_path, tiny_llama_dir, "one", *common)
     one[one.index("--batch-size") + 1] = "4"
-    two = tiny_args(tmp_path, tiny_llama_dir, "two", *common)
+    # A cold tokenized cache of its own: rank 0 builds it while rank 1 waits, then opens it.
+    two = tiny_args(tmp_path, tiny_llama_dir, "two", *common, "--cache-dir",
+                    str(tmp_path / "cache_two"))
     two[two.index("--batch-size") + 1] = "2"
     run(one, 1, tmp_path)
     proc = run(two, 2, tmp_path)
     assert "step 4/4" in proc.stdout + proc.stderr
+    log = proc.stderr.splitlines()
+    assert [ln.split("] ")[0][-6:] for ln in log if "tokenized cache miss" in ln] == ["rank 0"]
+    assert [ln.split("] ")[0][-6:] for ln in log if "tokenized cache hit" in ln] == ["rank 1"]
+    assert len(list((tmp_path / "cache_two" / "tokenized").iterdir())) == 1
     a, b = adapter_tensors(tmp_path / "one" / "final_model"), adapter_tensors(tmp_path / "two" / "final_model")
     assert a.keys() == b.keys()
     # Tolerance: the two runs sum the same gradients in a different order (all-reduce of two

@@ -35,7 +35,8 @@ from llama_sft.data.loader import LoadStats, file_sha256, iter_examples, no_exam
 from llama_sft.data.schemas import Example, normalize_record
 from llama_sft.data.splits import bucket, warn_golden_overlap
 from llama_sft.data.tokenize import Encoder, Fitted, TokenizeStats, fit_examples
-from llama_sft.errors import DatasetError, ToolkitError
+from llama_sft.errors import DatasetError, DiskFullError, ToolkitError
+from llama_sft.files import disk_full_message, out_of_space, tree_bytes
 
 if TYPE_CHECKING:
     from llama_sft.data.batching import ArrowRows
@@ -248,7 +249,8 @@ def _build(spec: CacheSpec, parts: dict[str, Any], key: str, final: Path) -> Non
                     time.perf_counter() - t0, num_proc)
         if sys.stderr.isatty():
             datasets.enable_progress_bars()
-        rows = raw.map(_tokenize_batch, batched=True, batch_size=MAP_BATCH, num_proc=num_proc,
+        rows = raw.map(_tokenize_batch, batched=True, batch_size=MAP_BATCH,
+                       num_proc=num_proc if num_proc > 1 else None,
                        fn_kwargs={"tokenizer": spec.tokenizer, "prompt_format": spec.prompt_format,
                                   "label_mode": spec.label_mode, "max_length": spec.max_length},
                        features=_features(), new_fingerprint=key + "-rows",
@@ -264,9 +266,27 @@ def _build(spec: CacheSpec, parts: dict[str, Any], key: str, final: Path) -> Non
                 "num_proc": num_proc, "datasets_version": datasets.__version__}
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _rename_into_place(staging, final)
-    except BaseException:
+    except BaseException as e:
+        written = tree_bytes(staging)
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, Exception) and out_of_space(e, final.parent):
+            raise _disk_full(spec, final, written) from e
         raise
+
+
+# A cache takes about this many times its data file (the rows as JSON, token ids and labels as
+# int32, the columns; 3.8x on the GSM8K rows of bench/bench_loader.py);
+# during a build the tokenize pass's work file sits beside the result.
+_CACHE_OVER_FILE = 4
+
+
+def _disk_full(spec: CacheSpec, final: Path, written: int) -> DiskFullError:
+    # tree_bytes: 0 for a hub dataset id (nothing local to size it by).
+    needed = max(written, _CACHE_OVER_FILE * 2 * tree_bytes(spec.dataset)) or None
+    return DiskFullError(
+        disk_full_message("the tokenized dataset cache", final.parent, needed)
+        + " The partial cache was removed and no earlier cache was touched. Free some space "
+        "there, or pass --cache-dir on a disk with room (or set LLAMA_SFT_CACHE).")
 
 
 def _rename_into_place(staging: Path, final: Path) -> None:
@@ -415,6 +435,10 @@ def _local_main_process_first():
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return contextlib.nullcontext()
+    import torch
     from accelerate import PartialState
 
-    return PartialState().local_main_process_first()
+    # cpu=True where there is no GPU: without it, accelerate sees no distributed run on a CPU
+    # under torchrun (DistributedType.NO) and every rank would build (the training arguments
+    # set up the same MULTI_CPU state later).
+    return PartialState(cpu=not torch.cuda.is_available()).local_main_process_first()

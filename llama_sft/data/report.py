@@ -233,21 +233,26 @@ def run_report(cfg: Any, output: str | None = None) -> dict[str, Any]:
         raise DatasetError(f"--dataset {cfg.dataset} changed while the report was being made "
                            f"({stats.rows} then {report['examples']} examples); run it again")
     if output:
-        if earlier is not None:
-            logger.info("replacing %s (an earlier report on %s, hash %s)", output,
-                        earlier.get("dataset"), earlier.get("dataset_hash"))
-        write_text_atomic(output, json.dumps(report, indent=2) + "\n")
+        _write_report(output, report, earlier)
     return report
 
 
-def run_prepare(cfg: Any) -> dict[str, Any]:
+def run_prepare(cfg: Any, *, report: bool = False, output: str | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """`--prepare`: the tokenized cache of --dataset for this tokenizer and these flags, built
-    unless it is there; what it is (key, rows, size, path)."""
+    unless it is there; what it is (key, rows, size, path). With `report` (--report or
+    --output), the report too, read from the cache's columns: the same streaming pass serves
+    both (report_from_cache)."""
     from llama_sft.data.cache import CacheSpec, open_or_build
     from llama_sft.data.prompts import resolve_prompt_format
 
     if not cfg.dataset:
         raise DatasetError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
+    earlier = check_report_output(output, cfg) if output else None
+    golden: list[Example] = []
+    if report and cfg.golden_set:
+        golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
+                                      skip_invalid=cfg.skip_invalid, what="--golden-set")
     tok = load_tokenizer(resolve_base_model(cfg.model_size, cfg.base_model),
                          trust_remote_code=cfg.trust_remote_code)
     cache = open_or_build(CacheSpec(
@@ -255,9 +260,64 @@ def run_prepare(cfg: Any) -> dict[str, Any]:
             tok, cfg.prompt_format), max_length=cfg.max_length, label_mode=cfg.label_mode,
         field_map=cfg.field_map, skip_invalid=cfg.skip_invalid, cache_dir=cfg.cache_dir,
         num_proc=cfg.num_proc))
-    return {"key": cache.key, "rows": cache.rows, "size_bytes": cache.size_bytes(),
-            "path": str(cache.path), "hit": cache.hit,
-            "skipped_invalid": cache.meta["skipped_invalid"]}
+    prepared = {"key": cache.key, "rows": cache.rows, "size_bytes": cache.size_bytes(),
+                "path": str(cache.path), "hit": cache.hit,
+                "skipped_invalid": cache.meta["skipped_invalid"]}
+    if not report:
+        return prepared, None
+    result = report_from_cache(cache, tok, path=cfg.dataset, val_ratio=cfg.val_ratio,
+                               test_ratio=cfg.test_ratio, golden=golden)
+    if output:
+        _write_report(output, result, earlier)
+    return prepared, result
+
+
+def report_from_cache(cache, tokenizer, *, path: str, val_ratio: float, test_ratio: float,
+                      golden: Sequence[Example] = ()) -> dict[str, Any]:
+    """build_report's report, read from a tokenized cache's columns (each row keeps its
+    lengths before fitting, what fitting did, its category and turns): nothing is tokenized
+    again. tests/test_cache.py compares the two on the sample and multi-turn files."""
+    import numpy as np
+
+    meta, parts = cache.meta, cache.meta["parts"]
+    full, sup = cache.column("full_length"), cache.column("full_supervised")
+    exchanges = cache.column("exchanges_dropped")
+    splits, removed = cache.split(val_ratio=val_ratio, test_ratio=test_ratio, golden=golden)
+    categories = Counter(cache.ds.data.column("category").to_pylist())
+    turns = Counter(cache.column("assistant_turns").tolist())
+    prompt = (full - sup).tolist()
+    return {
+        "dataset": str(path),
+        "file_sha256": parts["data_sha256"],
+        "dataset_hash": meta["dataset_hash"],
+        "examples": cache.rows,
+        "skipped_invalid": meta["skipped_invalid"],
+        "skipped_reasons": dict(meta["skipped_reasons"]),
+        "categories": dict(sorted(categories.items())),
+        "prompt_format": parts["prompt_format"],
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "max_length": parts["max_length"],
+        "prompt_tokens": percentiles(prompt),
+        "response_tokens": percentiles(sup.tolist()),
+        "total_tokens": percentiles(full.tolist()),
+        "would_truncate": int((full > parts["max_length"]).sum()),
+        "would_drop_no_supervised_tokens": int(cache.column("dropped").sum()),
+        "would_shorten_conversations": int((exchanges > 0).sum()),
+        "would_drop_exchanges": int(exchanges.sum(dtype=np.int64)),
+        "assistant_turns": {str(k): v for k, v in sorted(turns.items())},
+        "label_mode": parts["label_mode"],
+        "duplicate_examples": removed.get("duplicates", 0),
+        "golden_overlap": removed.get("golden_overlap", 0),
+        "splits": {name: int(len(splits[name])) for name in ("train", "val", "test")},
+        "split_ratios": {"val": val_ratio, "test": test_ratio},
+    }
+
+
+def _write_report(output: str, report: dict[str, Any], earlier: dict[str, Any] | None) -> None:
+    if earlier is not None:
+        logger.info("replacing %s (an earlier report on %s, hash %s)", output,
+                    earlier.get("dataset"), earlier.get("dataset_hash"))
+    write_text_atomic(output, json.dumps(report, indent=2) + "\n")
 
 
 def format_prepare(p: dict[str, Any]) -> str:
