@@ -132,3 +132,28 @@ def test_bitsandbytes_cpu_repacking_still_drops_the_gradient(tiny_llama_dir):
     grad, caught = _input_grad_after_eval(layer)
     assert grad is None
     assert any("autograd kernel was not registered" in m for m in caught)
+
+
+@needs_bnb
+def test_pilot_generates_base_and_tuned_through_plain_copies(tmp_path, tiny_llama_dir, capsys):
+    """The pilot's default QLoRA: both held-out passes generate through a bf16 copy, and the
+    report carries both speeds and their ratio."""
+    import json
+
+    from helpers import small_dataset, small_golden
+
+    import llama_pilot
+
+    out = tmp_path / "pilot"
+    code = llama_pilot.main([
+        "--base-model", str(tiny_llama_dir), "--model-size", "135m",
+        "--golden-set", str(small_golden(tmp_path, 12)), "--dataset", str(small_dataset(tmp_path)),
+        "--output-dir", str(out), "--max-steps", "2", "--eval-steps", "1", "--batch-size", "2",
+        "--max-length", "128", "--max-new-tokens", "8", "--holdout-ratio", "0.34",
+        "--num-sample-prompts", "1"])
+    assert code == 0
+    gen = json.loads((out / "pilot_evaluation.json").read_text())["generation"]
+    assert "bfloat16 copy" in gen["through"] and "bfloat16 copy" in gen["base"]["through"]
+    assert gen["tokens_per_second"] > 0 and gen["base"]["tokens_per_second"] > 0
+    assert gen["tuned_over_base_tokens_per_second"] > 0
+    assert "generation: base" in capsys.readouterr().out
