@@ -518,6 +518,9 @@ def main(argv=None) -> int:
     if args.cache:
         results = {"machine": machine(), "dataset": {**info, "mb": mb, "path": str(data)},
                    "cache": cache_case(args, work, data, small)}
+        results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"load average at start {results['machine']['load_average_at_start']}, at end "
+              f"{results['machine']['load_average_at_end']}")
         (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"results: {work / 'results.json'}")
         return 0 if all(results["cache"]["targets"].values()) else 1

@@ -115,7 +115,7 @@ cache.open_or_build(cache.CacheSpec(sys.argv[2], tok, resolve_prompt_format(tok,
 """
 
 
-def test_build_killed_midway_is_never_used(tok, tmp_path):
+def test_guarantee_19_a_build_killed_before_its_rename_is_never_used(tok, tmp_path):
     marker = tmp_path / "died"
     proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(ROOT), str(SAMPLE),
                            str(tmp_path / "c"), str(marker)], cwd=ROOT, capture_output=True,
@@ -128,7 +128,7 @@ def test_build_killed_midway_is_never_used(tok, tmp_path):
     assert not cache.hit and cache.rows == len(load_examples(SAMPLE))
 
 
-def test_damaged_cache_is_rebuilt(tok, tmp_path, caplog):
+def test_guarantee_19_a_damaged_cache_is_rebuilt_with_a_warning(tok, tmp_path, caplog):
     first = open_or_build(spec(tok, MULTITURN, tmp_path))
     reference = first.training_rows(first.split(val_ratio=0.0, test_ratio=0.0)[0]["train"]).rows
     arrow = next((first.path / "data").glob("*.arrow"))
@@ -238,8 +238,8 @@ def test_prepare_prints_key_and_train_hits(tmp_path):
     assert f"tokenized cache already there: key {key}" in again.stdout
 
 
-def test_disk_full_during_a_build_removes_it_and_keeps_other_caches(tok, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_guarantee_17_a_full_disk_during_a_cache_build_removes_it_and_keeps_other_caches(
+        tok, tmp_path, monkeypatch, capsys):
     import errno
 
     import datasets
