@@ -16,7 +16,11 @@ On a CPU with the embedded model: the same with `--model-size 135m` (add `--max-
 a short run). Continue an interrupted run with `--resume auto`. Multi-GPU:
 
     accelerate launch --config_file configs/accelerate_ddp.yaml llama_train.py ...
+    accelerate launch --config_file configs/accelerate_fsdp.yaml llama_train.py --model-size 13b ...
     accelerate launch --config_file configs/accelerate_fsdp_qlora.yaml llama_train.py --model-size 70b --use-4bit ...
+
+Two machines: configs/accelerate_multinode.yaml, or torchrun --nnodes 2 --rdzv-backend c10d
+--rdzv-endpoint HOST:PORT on each (README, "Multi-GPU and multi-node"). FSDP + 4-bit needs CUDA.
 
 Then evaluate the adapter:
 

@@ -24,7 +24,11 @@
 #    (H100 SXM bf16 dense; the run also measures an 8192^3 bf16 matmul). Logs and JSON go to
 #    $OUT (the device tool brings them back).
 #
+# Then the FSDP + QLoRA leg (fsdp_leg below: configs/accelerate_fsdp_qlora.yaml, one process,
+# a tiny random LLaMA; it needs CUDA and has run nowhere yet).
+#
 # Knobs (environment): LAYERS (16), ROUNDS (1), STEPS (10 timed, after 3 warm-up), SKIP_QLORA=1,
+# SKIP_FSDP=1,
 # BENCH_DEVICE/BENCH_MODEL (cuda/random-7b; `BENCH_DEVICE=cpu BENCH_MODEL=random-tiny bash
 # bench/gpu_check.sh` runs the same path on a CPU as a smoke test), PEAK_TFLOPS (989).
 #
@@ -119,6 +123,46 @@ bench() {  # $1 = label, rest = extra flags
 }
 bench lora
 [ "${SKIP_QLORA:-0}" = 1 ] || bench qlora --use-4bit
+
+# FSDP + QLoRA (configs/accelerate_fsdp_qlora.yaml: FSDP1, 4-bit weights in bf16 storage) needs
+# CUDA and runs nowhere else: here, as one process on a 2-layer random LLaMA with the carried
+# tokenizer, 4 steps with a checkpoint at 2, then the whole adapter in final_model/. On a CPU
+# (BENCH_DEVICE=cpu) the same leg runs FSDP2 LoRA without 4-bit (configs/accelerate_fsdp.yaml),
+# which tests/test_fsdp.py also runs on two processes.
+fsdp_leg() {
+    local cfg=configs/accelerate_fsdp_qlora.yaml quant=--use-4bit
+    [ "$DEVICE" = cuda ] || { cfg=configs/accelerate_fsdp.yaml; quant=; }
+    stamp "FSDP leg: $cfg $quant"
+    rm -rf /tmp/fsdp_tiny /tmp/fsdp_run
+    $PY - "$ASSETS/tokenizer" /tmp/fsdp_tiny <<'EOF' || return 1
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+sys.path.insert(0, ".")
+if Path(sys.argv[1]).is_dir():
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+else:  # a CPU smoke test without prepared assets
+    from llama_sft.modeling.load import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                  max_position_embeddings=1024, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+LlamaForCausalLM(cfg).save_pretrained(sys.argv[2])
+tok.save_pretrained(sys.argv[2])
+EOF
+    timeout 240 $PY -m accelerate.commands.launch --config_file "$cfg" --num_processes 1 \
+        llama_train.py --base-model /tmp/fsdp_tiny --model-size 135m $quant \
+        --dataset sft_output/sft_dataset.jsonl --max-steps 4 --save-steps 2 --eval-steps 100 \
+        --batch-size 2 --max-length 256 --output-dir /tmp/fsdp_run > "$OUT/fsdp_leg.txt" 2>&1
+    local rc=$?
+    tail -5 "$OUT/fsdp_leg.txt"
+    stamp "FSDP leg exited $rc; final_model: $(ls /tmp/fsdp_run/final_model 2>/dev/null | tr '\n' ' ')"
+}
+[ "${SKIP_FSDP:-0}" = 1 ] || fsdp_leg
 # The device tool brings back at most 8 files, 2 folders deep: keep the logs in one tarball.
 tar -czf "$OUT/worker_logs.tgz" -C "$OUT" $(cd "$OUT" && ls -d logs_* 2>/dev/null) 2>/dev/null \
     && rm -rf "$OUT"/logs_*

@@ -60,3 +60,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4]
     for step in la:
         assert lb[step] == pytest.approx(la[step], rel=1e-2)
+    # Both processes' example ids, gathered: the one-process sequence.
+    ca, cb = ((tmp_path / run / "consumed_ids.jsonl").read_text() for run in ("one", "two"))
+    assert cb == ca and len(ca.splitlines()) == 4

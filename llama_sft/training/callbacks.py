@@ -98,17 +98,27 @@ class CheckpointGuard(TrainerCallback):
 
 class ConsumedIds(TrainerCallback):
     """consumed_ids.jsonl: one record per optimizer step, {"step", "ids"}, with the ids of the
-    examples its micro-batches held, in order (this process's share under multi-process
-    training: rank 0 writes its own). Cut back to the checkpoint's step on resume."""
+    examples its micro-batches held, in order. Under multi-process training every process's
+    share is gathered to rank 0, which writes them micro-batch by micro-batch in rank order:
+    the order one process with the same global batch consumes them in (tests/test_multinode.py).
+    Cut back to the checkpoint's step on resume."""
 
     def __init__(self, output_dir: Path, trainer: Any) -> None:
         self.path = Path(output_dir) / CONSUMED_IDS
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kw):
-        ids = self.trainer.pop_consumed_ids()
+        batches = self.trainer.pop_consumed_ids()
+        if args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            # A collective: every process takes part. One entry per process, in rank order.
+            per_rank = gather_object([batches])
+            batches = [rank[m] for m in range(max(map(len, per_rank)))
+                       for rank in per_rank if m < len(rank)]
         if not state.is_world_process_zero:
             return
+        ids = [i for micro in batches for i in micro]
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": state.global_step, "ids": ids}) + "\n")
 

@@ -111,14 +111,16 @@ def claim_output_dir(output_dir: Path, resume: str | None,
         yield
 
 
-def save_final_model(model, tokenizer, output_dir: Path, run_config: RunConfig) -> Path:
+def save_final_model(model, tokenizer, output_dir: Path, run_config: RunConfig,
+                     state_dict: dict[str, Any] | None = None) -> Path:
     """final_model/: adapter (safetensors), tokenizer, run_config.json; written then renamed.
-    A full disk removes the partial folder and raises DiskFullError (exit 1)."""
+    `state_dict`: the model's tensors when its own are sharded (FSDP). A full disk removes the
+    partial folder and raises DiskFullError (exit 1)."""
     final = output_dir / "final_model"
     tmp = output_dir / ".final_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         run_config.to_json(tmp / RUN_CONFIG)
         write_manifest(tmp)
@@ -159,10 +161,11 @@ def finish_outputs(result: dict[str, Any], *, tokenizer, output_dir: Path,
                    run_config: RunConfig) -> dict[str, Any]:
     """final_model/, train_results.json and loss_curve.png after a run."""
     model = result.pop("model")
+    state_dict = result.pop("adapter_state_dict", None)
     if not is_main_process():
         return result
     if result.get("exit_code") is None:
-        final = save_final_model(model, tokenizer, output_dir, run_config)
+        final = save_final_model(model, tokenizer, output_dir, run_config, state_dict)
         result["final_model"] = str(final)
     if plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
                        title=f"{run_config.stage}: {run_config.base_model}"):

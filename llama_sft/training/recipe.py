@@ -140,6 +140,8 @@ def setup(cfg: Any, output_dir: Path, run_config: RunConfig) -> RunSetup:
     bf16, fp16 = precision_flags(device)
     resume_from = find_resume_checkpoint(output_dir, cfg.resume, run_config, cfg.force)
     start_step = checkpoint_step(resume_from) if resume_from else 0
+    if cfg.resume:
+        same_resume_step_everywhere(output_dir, cfg.resume, start_step)
     if is_main_process():
         remove_stale_staging(output_dir)
         if resume_from is not None:
@@ -151,6 +153,27 @@ def setup(cfg: Any, output_dir: Path, run_config: RunConfig) -> RunSetup:
     if cfg.use_wandb:
         setup_wandb(cfg)
     return RunSetup(output_dir, device, bf16, fp16, resume_from, start_step)
+
+
+def same_resume_step_everywhere(output_dir: Path, resume: str, start_step: int) -> None:
+    """Every process must resume from the same step. Each machine reads its own --output-dir:
+    on local disks only rank 0's holds the checkpoints, and the others would start from step 0
+    beside it (they train out of step, then wait on each other forever). RunSetupError then,
+    before anything is written. Nothing to check in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    from accelerate.utils import gather_object
+
+    steps = gather_object([start_step])
+    if len(set(steps)) > 1:
+        raise RunSetupError(
+            f"--resume {resume}: the processes found different checkpoints in --output-dir "
+            f"{output_dir} (the step each resumes from, by rank: {steps}): each machine reads "
+            "its own. Put --output-dir on a filesystem every machine mounts, or copy the "
+            "checkpoint folders to the same path on every machine, then resume again (nothing "
+            "was changed)")
 
 
 def prepare_model(cfg: Any, run: RunSetup, base_model: str, model=None):
@@ -231,7 +254,7 @@ def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list
     trainer.callback_handler.callbacks.insert(0, LineProgress(run.output_dir, trainer))
     trainer.add_callback(CheckpointGuard(run.output_dir, cfg.save_total_limit, run.stop_flag))
     trainer.add_callback(SampleGenerations(run.output_dir,
-                                           sample_generator(cfg, tokenizer, sample_prompts),
+                                           _sample_fn(cfg, trainer, tokenizer, sample_prompts),
                                            use_wandb=cfg.use_wandb))
     trainer.add_callback(ConsumedIds(run.output_dir, trainer))
     if args.load_best_model_at_end:
@@ -239,6 +262,16 @@ def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list
             early_stopping_patience=cfg.early_stopping_patience))
     FaultInjection.from_env().attach(trainer)
     return trainer
+
+
+def _sample_fn(cfg: Any, trainer, tokenizer, sample_prompts: list[dict]) -> Callable | None:
+    """sample_generator's function, or None under FSDP: rank 0 alone generates the samples,
+    and each forward of a sharded model needs every process (rank 0 would wait forever)."""
+    if trainer.is_fsdp_enabled and sample_prompts:
+        logger.info("FSDP: no sample generations at evaluations (samples.jsonl); evaluate the "
+                    "final adapter with llama_evaluate.py")
+        return None
+    return sample_generator(cfg, tokenizer, sample_prompts)
 
 
 def _as_dataset(rows) -> TokenizedDataset:
@@ -280,7 +313,8 @@ def _out_of_memory_error(cfg: Any, run: RunSetup, trainer) -> TrainingError:
 def finish(cfg: Any, run: RunSetup, trainer, result, elapsed: float, *, stage: str,
            has_eval: bool) -> dict[str, Any]:
     """train_results fields: status, steps, losses, throughput, memory, best checkpoint, the
-    final evaluation; "model" holds the trained model, "exit_code" a signal's exit status."""
+    final evaluation; "model" holds the trained model, "adapter_state_dict" its gathered adapter
+    under FSDP, "exit_code" a signal's exit status."""
     state, args, signum = trainer.state, trainer.args, run.stop_flag.get("signal")
     early_stopped = (args.load_best_model_at_end and state.global_step < state.max_steps
                      and signum is None)
@@ -308,6 +342,11 @@ def finish(cfg: Any, run: RunSetup, trainer, result, elapsed: float, *, stage: s
         results["eval_loss"] = round(final_eval["eval_loss"], 6)
         results["eval_perplexity"] = round(perplexity(final_eval["eval_loss"]), 4)
     results["model"] = trainer.model
+    if trainer.is_fsdp_enabled and signum is None:
+        from llama_sft.training.trainer import full_adapter_state_dict
+
+        # Sharded: every process joins the gather; finish_outputs saves rank 0's copy.
+        results["adapter_state_dict"] = full_adapter_state_dict(trainer)
     if cfg.use_wandb:
         finish_wandb()
     if signum is not None:

@@ -1,8 +1,9 @@
 """SFTTrainer: transformers' Trainer with the toolkit's loss, batching and fault tolerance.
 
 Built on transformers' Trainer (accelerate underneath), so `accelerate launch` / `torchrun`
-give DDP, FSDP and DeepSpeed without code here. What the subclass adds, each configured through
-its constructor:
+give DDP, FSDP and DeepSpeed; on CPUs FSDP needs enable_fsdp_on_cpu below, and the adapter of a
+sharded model is gathered whole by full_adapter_state_dict. What the subclass adds, each
+configured through its constructor:
 
 - the LM head and cross-entropy run only at supervised positions (response tokens + EOS), in
   fp32, fused with the head where it can be (modeling/loss.py);
@@ -94,9 +95,14 @@ class SFTTrainer(Trainer):
         self.micro_batch_limit: int | None = None  # rows per micro-batch after a back-off
         self.tokens_seen = 0
         self.supervised_tokens_seen = 0
-        self._consumed: list[str] = []
+        self._consumed: list[list[str]] = []  # the example ids of each micro-batch
         self._keep: torch.Tensor | None = None
         self._tuner_layers: list[Any] | None = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
 
     # -- the loss --------------------------------------------------------------------------
 
@@ -149,9 +155,15 @@ class SFTTrainer(Trainer):
         self.supervised_tokens_seen += int(supervised.sum())
         norm, head = self._final_norm(model)
         if norm is None or head is None or self.is_fsdp_enabled:
-            # Generic path (FSDP shards the head outside forward): the model's own loss.
+            # Generic path (FSDP shards the head outside forward): the model's own loss, summed
+            # over the step's supervised tokens of every process and scaled as _supervised_loss
+            # does (a per-process mean weighs processes, not tokens, and ignores accumulation).
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             loss = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=labels,
-                         use_cache=False).loss
+                         use_cache=False, **extra).loss
+            if (self.args.average_tokens_across_devices and num_items_in_batch is not None
+                    and self.accelerator.num_processes > 1):
+                loss = loss * self.accelerator.num_processes
         else:
             hidden = self._final_hidden(model, norm, inputs, mask, labels.device)
             loss = self._supervised_loss(hidden[:, :-1][supervised], head,
@@ -188,10 +200,11 @@ class SFTTrainer(Trainer):
 
     # -- one micro-batch: consumed ids, non-finite loss, out-of-memory back-off -------------
 
-    def pop_consumed_ids(self) -> list[str]:
-        """The ids of the examples consumed since the last call (one optimizer step)."""
-        ids, self._consumed = self._consumed, []
-        return ids
+    def pop_consumed_ids(self) -> list[list[str]]:
+        """The example ids of each micro-batch this process consumed since the last call (one
+        optimizer step)."""
+        batches, self._consumed = self._consumed, []
+        return batches
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One micro-batch; records its example ids. With auto_batch_backoff, an out-of-memory
@@ -201,7 +214,7 @@ class SFTTrainer(Trainer):
         optimizer step), so the halves' gradients sum to the whole micro-batch's."""
         ids = inputs.pop("example_ids", None)
         if ids is not None:
-            self._consumed.extend(ids)
+            self._consumed.append(list(ids))
         if not self.auto_batch_backoff:
             return self._micro_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:
@@ -296,6 +309,45 @@ class SFTTrainer(Trainer):
         self._check_finite_weights(model, self.state.global_step)
         extras = self.checkpoint_extras(self.state) if self.checkpoint_extras else {}
         save_checkpoint_atomically(self, model, trial, extras)
+
+
+# accelerate's AcceleratorState.__init__ (accelerate/state.py) as of this version turns FSDP on
+# only for accelerator device types (MULTI_GPU, MULTI_XPU, ...): under an FSDP launch on CPUs it
+# drops the plugin and the run is plain DDP, with no message. torch's FSDP2 runs on CPU over gloo.
+# tests/test_fsdp.py fails (no sharded checkpoint) if this stops turning FSDP on.
+UPSTREAM_ACCELERATE_VERSION = "1.15.0"
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """Under `accelerate launch` with an FSDP config on CPU processes (gloo), turn on the FSDP
+    that accelerate leaves off there: the plugin accelerate builds from the launch's environment,
+    with its mixed precision set as accelerate does on a GPU. True when it did."""
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+            or state.distributed_type != DistributedType.MULTI_CPU):
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    logger.info("FSDP%d on CPU processes (gloo): accelerate %s leaves FSDP off without a GPU; "
+                "turned on", plugin.fsdp_version, UPSTREAM_ACCELERATE_VERSION)
+    return True
+
+
+def full_adapter_state_dict(trainer) -> dict[str, Any] | None:
+    """Under FSDP, the trainable (LoRA) tensors gathered whole onto rank 0's CPU, the frozen
+    base left sharded: every process must call it (it is a collective); None on the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state_dict = get_model_state_dict(trainer.model_wrapped, options=options)
+    return state_dict if trainer.args.should_save else None
 
 
 def _detach_grads(model) -> list[tuple[Any, Any]]:
