@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--also-bf16", action="store_true", help="Also time bf16 (no identity check).")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core).")
     p.add_argument("--gsm8k", default=str(GSM8K))
-    p.add_argument("--decoders", default="auto",
+    p.add_argument("--decoders", default="hf",
                    help="Comma-separated generate(decoder=...) values to compare, each batched "
-                        "and single: auto (llama_sft.evaluation.greedy) and/or hf "
-                        "(transformers' generate, the path before issue 14).")
+                        "and single: continuous (llama_sft.evaluation.greedy) and/or hf "
+                        "(transformers' generate, the default).")
     p.add_argument("--tuned", action="store_true",
                    help="Instead: the pilot's tuned QLoRA model against its base, each way it can "
                         "generate (TUNED_VARIANTS), on the pilot's held-out golden prompts.")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_mode(model, tok, prompts, *, batch_size: int, max_new_tokens: int,
-             decoder: str = "auto"):
+             decoder: str = "hf"):
     from llama_sft.evaluation.generate import generate
 
     stats: dict = {}

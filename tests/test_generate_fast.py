@@ -42,7 +42,7 @@ def _stops_mid_generation(model, tokenizer) -> list[int]:
 def test_greedy_loop_matches_transformers_generate(tiny, tokenizer, batch_size):
     stops = _stops_mid_generation(tiny, tokenizer)
     ours = generate(tiny, tokenizer, PROMPTS, max_new_tokens=16, batch_size=batch_size,
-                    stop_ids=stops)
+                    stop_ids=stops, decoder="continuous")
     theirs = generate(tiny, tokenizer, PROMPTS, max_new_tokens=16, batch_size=batch_size,
                       stop_ids=stops, decoder="hf")
     assert [(g.text, g.new_tokens, g.ended_with_eos) for g in ours] == \

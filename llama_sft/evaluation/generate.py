@@ -2,8 +2,8 @@
 package verification.
 
 Prompts come rendered as in training (llama_sft.data.prompts.render_prompt); they are sorted by
-length and generated with the KV cache, greedy by default: greedy with continuous batching
-(llama_sft/evaluation/greedy.py), sampling in left-padded batches with transformers' generate.
+length and generated with the KV cache in left-padded batches with transformers' generate,
+greedy by default (continuous batching, llama_sft/evaluation/greedy.py, on request).
 Output order matches input order. No command of its own: llama_evaluate.py and llama_pilot.py call it.
 """
 
@@ -123,10 +123,12 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     """Generate a response for each rendered prompt (text already in the model's format),
     stopping at any of `stop_ids` (default: the model's, from stop_token_ids).
 
-    decoder: "auto" decodes greedy with llama_sft.evaluation.greedy (the tokens transformers'
-    generate picks, with `batch_size` prompts in flight and a finished one replaced at once:
-    bench/RESULTS.md) where it supports the model, and samples with transformers' generate;
-    "hf" always uses transformers' generate on batches of `batch_size`."""
+    decoder: "auto" (the default) and "hf" generate with transformers' generate on batches of
+    `batch_size`; "continuous" decodes greedy with llama_sft.evaluation.greedy (the same tokens,
+    `batch_size` prompts in flight, a finished one replaced at once) where it supports the
+    model. Measured on this CPU (bench/RESULTS.md): continuous batching did not pay (0.89x of
+    transformers' generate in fp32 at batch 16, no measurable difference in bf16), so it is
+    not the default; it stays for a GPU measurement (bench/bench_generate.py --decoders)."""
     import torch
 
     if not prompts:
@@ -152,7 +154,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
                                     stop_ids=stop_ids)
     if do_sample:
         torch.manual_seed(seed)
-    use_loop = decoder == "auto" and not do_sample and _greedy_loop_supported(model)
+    use_loop = decoder == "continuous" and not do_sample and _greedy_loop_supported(model)
 
     generated = [0]
 
