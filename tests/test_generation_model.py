@@ -156,4 +156,8 @@ def test_pilot_generates_base_and_tuned_through_plain_copies(tmp_path, tiny_llam
     assert "bfloat16 copy" in gen["through"] and "bfloat16 copy" in gen["base"]["through"]
     assert gen["tokens_per_second"] > 0 and gen["base"]["tokens_per_second"] > 0
     assert gen["tuned_over_base_tokens_per_second"] > 0
-    assert "generation: base" in capsys.readouterr().out
+    n = gen["answers"]
+    assert n == gen["base"]["answers"] and n > 0
+    assert gen["seconds_per_answer"] == pytest.approx(gen["seconds"] / n, abs=1e-3)
+    assert gen["mean_answer_tokens"] == pytest.approx(gen["generated_tokens"] / n, abs=0.05)
+    assert "s an answer" in capsys.readouterr().out

@@ -267,7 +267,7 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
                      "base_output": b.text, "tuned_output": t.text}
                     for ex, p, b, t in list(zip(held_out, prompts, base.generations,
                                                 tuned.generations))[:10]],
-        "generation": _generation_section(gen_stats, base_gen_stats),
+        "generation": _generation_section(gen_stats, base_gen_stats, len(held_out)),
         "projection": project_full_training(cfg, tokenizer, fmt,
                                             train_results["tokens_per_second"]),
         "checks": checks, "go": all(c["passed"] for c in checks.values()),
@@ -279,10 +279,17 @@ def run_pilot(cfg: PilotArgs, *, model_choice: str = "") -> dict[str, Any]:
     return report
 
 
-def _generation_section(tuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """The tuned model's generation figures, the base model's beside them, and their ratio
-    (tokens/s also depends on how long the answers are: a tuned model that stops sooner
-    spends a larger share of its time on the prompts)."""
+def _generation_section(tuned: dict[str, Any], base: dict[str, Any],
+                        answers: int) -> dict[str, Any]:
+    """The tuned model's generation figures, the base model's beside them, and their ratio.
+    tokens/s also depends on how long the answers are (a tuned model that stops sooner spends a
+    larger share of its time on the prompts' prefill), so each side also gets its mean answer
+    length and seconds per answer."""
+    for side in (tuned, base):
+        if answers and "seconds" in side:
+            side["answers"] = answers
+            side["mean_answer_tokens"] = round(side.get("generated_tokens", 0) / answers, 1)
+            side["seconds_per_answer"] = round(side["seconds"] / answers, 3)
     ratio = (tuned.get("tokens_per_second", 0.0) / base["tokens_per_second"]
              if base.get("tokens_per_second") else None)
     return {**tuned, "base": base,
@@ -310,6 +317,12 @@ def _train_losses(metrics_file: Path) -> list[float]:
     return [float(r["loss"]) for r in recs]
 
 
+def _speed(d: dict[str, Any]) -> str:
+    extra = (f" ({d['mean_answer_tokens']:.0f} tokens, {d['seconds_per_answer']:.2f} s an answer)"
+             if "seconds_per_answer" in d else "")
+    return f"{d.get('tokens_per_second', 0):.0f} tok/s{extra}"
+
+
 def format_summary(r: dict[str, Any]) -> str:
     t, tm = r["training"], r["task_metric"]
     lines = [
@@ -328,8 +341,8 @@ def format_summary(r: dict[str, Any]) -> str:
                      f"  (n={by_a[cat]['n']})")
     g = r.get("generation") or {}
     if g.get("base"):
-        lines.append(f"  generation: base {g['base'].get('tokens_per_second', 0):.0f} tok/s, tuned "
-                     f"{g.get('tokens_per_second', 0):.0f} tok/s ({g.get('through', '')})")
+        lines.append(f"  generation: base {_speed(g['base'])}, tuned {_speed(g)}, through "
+                     f"{g.get('through', '')}")
     p = r["projection"]
     if p.get("available"):
         lines.append(f"  full training on {p['dataset']} ({p['train_examples']} examples x "
