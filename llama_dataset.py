@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="Print the dataset report.")
     p.add_argument("--prepare", action="store_true", help="Validate and tokenize --dataset into "
                    "the tokenized cache now (what llama_train.py would do before its first "
-                   "step) and print its key, size and path; with --report or --output, the report is read "
-                   "from the cache (one pass for both).")
+                   "step) and print its key, size and path; with --report or --output, the "
+                   "report is read from the cache (one pass for both).")
     p.add_argument("--output", help="Write the report as JSON to this file (an earlier report "
                    "there is replaced; any other file is refused).")
     return p

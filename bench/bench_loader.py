@@ -317,27 +317,15 @@ def run_watched(cmd: list[str], env: dict, marks: dict[str, str], *, stop_at: st
             "lines": lines}
 
 
-def tiny_model(folder: Path) -> Path:
-    """A 2-layer random LLaMA with the embedded model's tokenizer (what the multi-process tests
-    use): for the two-process case, where the model does not matter."""
-    code = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from transformers import LlamaConfig, LlamaForCausalLM
-from llama_sft.modeling.load import load_tokenizer
-tok = load_tokenizer("smollm2-135m")
-torch.manual_seed(0)
-cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-LlamaForCausalLM(cfg).save_pretrained(sys.argv[2])
-tok.save_pretrained(sys.argv[2])
-"""
-    if not (folder / "config.json").is_file():
-        subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], check=True,
-                       env={**os.environ, **CHILD_ENV})
-    return folder
+def tiny_model() -> Path:
+    """bench_train.py's random-tiny LLaMA (2 layers of 64, the embedded model's tokenizer), kept
+    in the toolkit's cache: for the two-process case, where the model does not matter."""
+    code = ("import argparse, sys; sys.path.insert(0, 'bench'); from bench_train import "
+            "ensure_model; print(ensure_model(argparse.Namespace(model='random-tiny', "
+            "layers=None, device='cpu'))[0])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **CHILD_ENV}, check=True)
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 def cache_case(args, work: Path, data: Path, small: Path) -> dict:
@@ -426,7 +414,7 @@ def cache_case(args, work: Path, data: Path, small: Path) -> dict:
     two_data = work / f"sft_{args.two_rank_rows}.jsonl"
     if not two_data.exists():
         make_dataset(two_data, args.two_rank_rows)
-    model = tiny_model(work / "tiny_llama")
+    model = tiny_model()
     two_cache = work / "cache_two"
     shutil.rmtree(two_cache, ignore_errors=True)
     shutil.rmtree(work / "two_out", ignore_errors=True)

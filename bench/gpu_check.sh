@@ -125,37 +125,26 @@ bench lora
 [ "${SKIP_QLORA:-0}" = 1 ] || bench qlora --use-4bit
 
 # FSDP + QLoRA (configs/accelerate_fsdp_qlora.yaml: FSDP1, 4-bit weights in bf16 storage) needs
-# CUDA and runs nowhere else: here, as one process on a 2-layer random LLaMA with the carried
-# tokenizer, 4 steps with a checkpoint at 2, then the whole adapter in final_model/. On a CPU
+# CUDA and runs nowhere else: here, as one process on bench_train.py's random-tiny LLaMA (the
+# carried tokenizer), 4 steps with a checkpoint at 2, then the whole adapter in final_model/. On a CPU
 # (BENCH_DEVICE=cpu) the same leg runs FSDP2 LoRA without 4-bit (configs/accelerate_fsdp.yaml),
 # which tests/test_fsdp.py also runs on two processes.
 fsdp_leg() {
     local cfg=configs/accelerate_fsdp_qlora.yaml quant=--use-4bit
     [ "$DEVICE" = cuda ] || { cfg=configs/accelerate_fsdp.yaml; quant=; }
     stamp "FSDP leg: $cfg $quant"
-    rm -rf /tmp/fsdp_tiny /tmp/fsdp_run
-    $PY - "$ASSETS/tokenizer" /tmp/fsdp_tiny <<'EOF' || return 1
-import sys
-from pathlib import Path
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-sys.path.insert(0, ".")
-if Path(sys.argv[1]).is_dir():
-    tok = AutoTokenizer.from_pretrained(sys.argv[1])
-else:  # a CPU smoke test without prepared assets
-    from llama_sft.modeling.load import load_tokenizer
-    tok = load_tokenizer("smollm2-135m")
-torch.manual_seed(0)
-cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                  max_position_embeddings=1024, tie_word_embeddings=True,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
-LlamaForCausalLM(cfg).save_pretrained(sys.argv[2])
-tok.save_pretrained(sys.argv[2])
+    rm -rf /tmp/fsdp_run
+    # bench_train.py's random-tiny model and tokenizer (the carried copy on the GPU machine).
+    local tiny
+    tiny=$($PY - <<'EOF' | tail -1
+import argparse, sys
+sys.path.insert(0, "bench")
+from bench_train import ensure_model
+print(ensure_model(argparse.Namespace(model="random-tiny", layers=None, device="cpu"))[0])
 EOF
+) || return 1
     timeout 240 $PY -m accelerate.commands.launch --config_file "$cfg" --num_processes 1 \
-        llama_train.py --base-model /tmp/fsdp_tiny --model-size 135m $quant \
+        llama_train.py --base-model "$tiny" --model-size 135m $quant \
         --dataset sft_output/sft_dataset.jsonl --max-steps 4 --save-steps 2 --eval-steps 100 \
         --batch-size 2 --max-length 256 --output-dir /tmp/fsdp_run > "$OUT/fsdp_leg.txt" 2>&1
     local rc=$?

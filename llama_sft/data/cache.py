@@ -90,6 +90,16 @@ class CacheSpec:
     cache_dir: str | os.PathLike | None = None
     num_proc: int | None = None
 
+    @classmethod
+    def for_args(cls, cfg: Any, dataset: str, tokenizer, prompt_format: str) -> "CacheSpec":
+        """The spec a stage's flags give (--max-length, --last-turn-only, --field-map,
+        --skip-invalid, --cache-dir, --num-proc): training, the pilot's projection and
+        `llama_dataset.py --prepare` must agree on it to share a cache."""
+        return cls(dataset=dataset, tokenizer=tokenizer, prompt_format=prompt_format,
+                   max_length=cfg.max_length, label_mode=cfg.label_mode,
+                   field_map=cfg.field_map, skip_invalid=cfg.skip_invalid,
+                   cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
+
     def key_parts(self, data_sha256: str) -> dict[str, Any]:
         return {"format": CACHE_FORMAT, "data_sha256": data_sha256,
                 "field_map": self.field_map or "", "skip_invalid": self.skip_invalid,

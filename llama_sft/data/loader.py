@@ -156,6 +156,16 @@ def load_and_validate(path: str, *, field_map: str | None = None, skip_invalid: 
     return examples, stats
 
 
+def golden_set_examples(cfg: Any) -> list[Example]:
+    """--golden-set's examples, validated like --dataset (with the stage's --field-map and
+    --skip-invalid); none without the flag."""
+    if not cfg.golden_set:
+        return []
+    examples, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
+                                    skip_invalid=cfg.skip_invalid, what="--golden-set")
+    return examples
+
+
 def no_examples_error(what: str, path: str | os.PathLike, stats: LoadStats) -> DatasetError:
     if stats.skipped_invalid:
         return DatasetError(f"{what} {path}: no valid examples: all {stats.skipped_invalid} "

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from llama_sft.data.loader import (
     LoadStats,
     file_sha256,
+    golden_set_examples,
     iter_examples,
-    load_and_validate,
     no_examples_error,
 )
 from llama_sft.data.schemas import Example
@@ -217,10 +217,7 @@ def run_report(cfg: Any, output: str | None = None) -> dict[str, Any]:
                        stats.skipped_invalid, dict(stats.skipped_reasons))
     if not stats.rows:
         raise no_examples_error("--dataset", cfg.dataset, stats)
-    golden: list[Example] = []
-    if cfg.golden_set:
-        golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
-                                      skip_invalid=cfg.skip_invalid, what="--golden-set")
+    golden = golden_set_examples(cfg)
     tok = load_tokenizer(resolve_base_model(cfg.model_size, cfg.base_model),
                          trust_remote_code=cfg.trust_remote_code)
     examples = iter_examples(cfg.dataset, field_map=cfg.field_map,
@@ -249,17 +246,11 @@ def run_prepare(cfg: Any, *, report: bool = False, output: str | None = None
     if not cfg.dataset:
         raise DatasetError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
     earlier = check_report_output(output, cfg) if output else None
-    golden: list[Example] = []
-    if report and cfg.golden_set:
-        golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
-                                      skip_invalid=cfg.skip_invalid, what="--golden-set")
+    golden = golden_set_examples(cfg) if report else []
     tok = load_tokenizer(resolve_base_model(cfg.model_size, cfg.base_model),
                          trust_remote_code=cfg.trust_remote_code)
-    cache = open_or_build(CacheSpec(
-        dataset=cfg.dataset, tokenizer=tok, prompt_format=resolve_prompt_format(
-            tok, cfg.prompt_format), max_length=cfg.max_length, label_mode=cfg.label_mode,
-        field_map=cfg.field_map, skip_invalid=cfg.skip_invalid, cache_dir=cfg.cache_dir,
-        num_proc=cfg.num_proc))
+    cache = open_or_build(CacheSpec.for_args(cfg, cfg.dataset, tok,
+                                             resolve_prompt_format(tok, cfg.prompt_format)))
     prepared = {"key": cache.key, "rows": cache.rows, "size_bytes": cache.size_bytes(),
                 "path": str(cache.path), "hit": cache.hit,
                 "skipped_invalid": cache.meta["skipped_invalid"]}

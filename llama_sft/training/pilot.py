@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_sft.config import PilotArgs
-from llama_sft.data.cache import open_or_build
+from llama_sft.data.cache import CacheSpec, open_or_build
 from llama_sft.data.loader import file_sha256, load_and_validate
 from llama_sft.data.prompts import (
     generation_prompt,
@@ -34,7 +34,7 @@ from llama_sft.modeling.loss import mean_supervised_loss
 from llama_sft.modeling.merge import generation_model, generation_route
 from llama_sft.training.outputs import check_output_dir, finish_outputs
 from llama_sft.training.recipe import run_sft
-from llama_sft.training.train import cache_spec, make_run_config
+from llama_sft.training.train import make_run_config
 
 logger = logging.getLogger("llama_sft")
 
@@ -85,7 +85,7 @@ def project_full_training(cfg: PilotArgs, tokenizer, prompt_format: str,
                 "reason": f"--dataset {path} not found" if path else "no --dataset given"}
     # Through the tokenized cache: the full training run with these flags then finds it built.
     try:
-        cache = open_or_build(cache_spec(cfg, path, tokenizer, prompt_format))
+        cache = open_or_build(CacheSpec.for_args(cfg, path, tokenizer, prompt_format))
     except DatasetError as e:
         return {"available": False, "reason": str(e)}
     splits, _ = cache.split(val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio)
@@ -285,11 +285,7 @@ def _generation_section(tuned: dict[str, Any], base: dict[str, Any],
     tokens/s also depends on how long the answers are (a tuned model that stops sooner spends a
     larger share of its time on the prompts' prefill), so each side also gets its mean answer
     length and seconds per answer."""
-    for side in (tuned, base):
-        if answers and "seconds" in side:
-            side["answers"] = answers
-            side["mean_answer_tokens"] = round(side.get("generated_tokens", 0) / answers, 1)
-            side["seconds_per_answer"] = round(side["seconds"] / answers, 3)
+    tuned, base = _per_answer(tuned, answers), _per_answer(base, answers)
     ratio = (tuned.get("tokens_per_second", 0.0) / base["tokens_per_second"]
              if base.get("tokens_per_second") else None)
     return {**tuned, "base": base,
@@ -315,6 +311,15 @@ def _train_losses(metrics_file: Path) -> list[float]:
     if len(recs) > 2 and recs[0].get("step") == 1 and recs[1].get("step", 0) > 2:
         recs = recs[1:]
     return [float(r["loss"]) for r in recs]
+
+
+def _per_answer(stats: dict[str, Any], answers: int) -> dict[str, Any]:
+    """generate()'s stats plus the answer count, mean answer length and seconds per answer."""
+    if not answers or "seconds" not in stats:
+        return stats
+    return {**stats, "answers": answers,
+            "mean_answer_tokens": round(stats.get("generated_tokens", 0) / answers, 1),
+            "seconds_per_answer": round(stats["seconds"] / answers, 3)}
 
 
 def _speed(d: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from llama_sft.cli import is_main_process
 from llama_sft.config import TrainArgs
 from llama_sft.data.batching import TokenizedDataset
 from llama_sft.data.cache import CacheSpec, TokenizedCache, open_or_build
-from llama_sft.data.loader import load_and_validate
+from llama_sft.data.loader import golden_set_examples
 from llama_sft.data.prompts import resolve_prompt_format, sample_prompts_from, stop_token_ids
 from llama_sft.data.schemas import Example
 from llama_sft.data.tokenize import TokenizeStats, tokenize_examples
@@ -61,24 +61,14 @@ def load_data(cfg: TrainArgs, tokenizer, prompt_format: str) -> TrainingData:
     removed from every split."""
     if not cfg.dataset:
         raise ConfigError("--dataset is required (e.g. --dataset ./sft_output/sft_dataset.jsonl)")
-    golden = []
-    if cfg.golden_set:
-        golden, _ = load_and_validate(cfg.golden_set, field_map=cfg.field_map,
-                                      skip_invalid=cfg.skip_invalid, what="--golden-set")
-    cache = open_or_build(cache_spec(cfg, cfg.dataset, tokenizer, prompt_format))
+    golden = golden_set_examples(cfg)
+    cache = open_or_build(CacheSpec.for_args(cfg, cfg.dataset, tokenizer, prompt_format))
     splits, removed = cache.split(val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
                                   golden=golden)
     if not len(splits["train"]):
         raise DatasetError(f"--dataset {cfg.dataset}: no examples left for training after the "
                            f"val/test split ({removed})")
     return TrainingData(cache, golden, splits, removed)
-
-
-def cache_spec(cfg: Any, dataset: str, tokenizer, prompt_format: str) -> CacheSpec:
-    return CacheSpec(dataset=dataset, tokenizer=tokenizer, prompt_format=prompt_format,
-                     max_length=cfg.max_length, label_mode=cfg.label_mode,
-                     field_map=cfg.field_map, skip_invalid=cfg.skip_invalid,
-                     cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
 
 
 def tokenize_data(cfg: TrainArgs, data: TrainingData, tokenizer, prompt_format: str):
