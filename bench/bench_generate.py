@@ -250,7 +250,9 @@ def tuned_main(args) -> int:
             speed[name].append(st["tokens_per_second"])
             outs[name] = gens
             print(f"[bench] round {r + 1} {name:18s} {st['generated_tokens']} tokens "
-                  f"{st['seconds']:.1f} s = {st['tokens_per_second']:.1f} tok/s", flush=True)
+                  f"{st['seconds']:.1f} s = {st['tokens_per_second']:.1f} tok/s, "
+                  f"{st.get('ms_per_decode_step', float('nan')):.1f} ms a decode step, "
+                  f"prefill {st.get('prefill_seconds', float('nan')):.2f} s", flush=True)
     _tuned_report(names, speed, outs)
     return 0
 

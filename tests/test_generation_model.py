@@ -59,6 +59,23 @@ def test_merged_copy_generates_what_the_unmerged_model_does(tiny_llama_dir, toke
     assert copy.get_input_embeddings().weight.data_ptr() == embed.data_ptr()
 
 
+def test_generate_times_prefill_and_decode_steps(tiny_llama_dir, tokenizer):
+    """generate()'s stats split the time at the first new token: a batch of n new tokens ran
+    one prefill and n - 1 decode steps (the longest row sets it)."""
+    model = load_model(str(tiny_llama_dir), dtype=torch.float32)
+    stats: dict = {}
+    gens = generate(model, tokenizer, PROMPTS, max_new_tokens=9, batch_size=3, stats=stats)
+    assert stats["decode_steps"] == max(g.new_tokens for g in gens) - 1
+    one: dict = {}
+    gens = generate(model, tokenizer, PROMPTS, max_new_tokens=9, batch_size=1, stats=one)
+    assert one["decode_steps"] == sum(g.new_tokens - 1 for g in gens)
+    for s in (stats, one):
+        assert 0 < s["prefill_seconds"] and 0 < s["decode_seconds"]
+        assert s["prefill_seconds"] + s["decode_seconds"] <= s["seconds"] + 1e-3
+        assert s["ms_per_decode_step"] == pytest.approx(
+            1e3 * s["decode_seconds"] / s["decode_steps"], rel=0.05, abs=0.1)  # rounding
+
+
 def test_copy_inside_disable_adapter_is_the_base(tiny_llama_dir):
     base = load_model(str(tiny_llama_dir), dtype=torch.float32).eval()
     ids = torch.randint(0, 2000, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -160,4 +177,9 @@ def test_pilot_generates_base_and_tuned_through_plain_copies(tmp_path, tiny_llam
     assert n == gen["base"]["answers"] and n > 0
     assert gen["seconds_per_answer"] == pytest.approx(gen["seconds"] / n, abs=1e-3)
     assert gen["mean_answer_tokens"] == pytest.approx(gen["generated_tokens"] / n, abs=0.05)
-    assert "s an answer" in capsys.readouterr().out
+    # The length-fair figure: the base's time per decode step over the tuned model's.
+    assert gen["tuned_over_base_decode_step_speed"] == pytest.approx(
+        gen["base"]["ms_per_decode_step"] / gen["ms_per_decode_step"], rel=0.02)
+    out_text = capsys.readouterr().out
+    assert "s an answer" in out_text and "ms a decode step" in out_text
+    assert "decode speed per step" in out_text

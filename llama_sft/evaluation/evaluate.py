@@ -537,6 +537,7 @@ def assemble_results(cfg: EvalArgs, *, model: dict[str, Any], dataset: dict[str,
             "examples_per_second": len(tuned.rows) / gen_seconds if gen_seconds else None,
             "perplexity_seconds": tuned.ppl_seconds,
             "generated_through": tuned.stats.get("through"),
+            "ms_per_decode_step": tuned.stats.get("ms_per_decode_step"),
         },
         "outputs": {"results": str(Path(cfg.output)), "samples": str(samples_path_for(cfg))},
         "library_versions": library_versions(CORE_LIBRARIES + ("rouge-score", "sacrebleu")),
@@ -546,6 +547,7 @@ def assemble_results(cfg: EvalArgs, *, model: dict[str, Any], dataset: dict[str,
         result["deltas"] = deltas(tuned.metrics, base.metrics)
         result["timing"].update(base_generation_seconds=base.stats.get("seconds", 0.0),
                                 base_tokens_per_second=base.stats.get("tokens_per_second", 0.0),
+                                base_ms_per_decode_step=base.stats.get("ms_per_decode_step"),
                                 base_perplexity_seconds=base.ppl_seconds,
                                 total_seconds=time.perf_counter() - t_start)
     return _round(result)
@@ -624,5 +626,10 @@ def format_table(result: dict[str, Any]) -> str:
                  "PPL response perplexity, LEN generated tokens, EOS share that stopped.")
     lines.append(f"{t['generated_tokens']} tokens generated in {t['generation_seconds']:.1f} s "
                  f"({t['tokens_per_second']:.1f} tok/s); total {t['total_seconds']:.1f} s")
+    if t.get("ms_per_decode_step") and t.get("base_ms_per_decode_step"):
+        lines.append(f"decode step: tuned {t['ms_per_decode_step']:.1f} ms, base "
+                     f"{t['base_ms_per_decode_step']:.1f} ms "
+                     f"({t['base_ms_per_decode_step'] / t['ms_per_decode_step']:.2f}x the base's "
+                     "speed, whatever the answers' length)")
     lines.append(f"results: {result['outputs']['results']}   samples: {result['outputs']['samples']}")
     return "\n".join(lines)

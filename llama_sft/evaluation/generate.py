@@ -53,11 +53,40 @@ def _decode(tokenizer, toks: list[int], stops: set[int], pad: int) -> Generation
                       new_tokens=len(toks) + int(ended), ended_with_eos=ended)
 
 
+class _StepClock:
+    """A logits processor that only reads the clock: generate calls it once per new token,
+    right after that token's forward pass, so its first call marks the end of the prefill and
+    the calls after it count the decode steps."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.calls += 1
+        return scores
+
+
+def _add_timing(timing: dict[str, float] | None, *, start: float, clock: _StepClock) -> None:
+    """Adds one batch's prefill seconds, decode seconds and decode steps to `timing`."""
+    if timing is None or clock.first is None:
+        return
+    end = time.perf_counter()
+    timing["prefill_seconds"] = timing.get("prefill_seconds", 0.0) + clock.first - start
+    timing["decode_seconds"] = timing.get("decode_seconds", 0.0) + end - clock.first
+    timing["decode_steps"] = timing.get("decode_steps", 0) + clock.calls - 1
+
+
 def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_ids: list[int],
-                    device, gen_kwargs: dict[str, Any]) -> list[Generation]:
+                    device, gen_kwargs: dict[str, Any],
+                    timing: dict[str, float] | None = None) -> list[Generation]:
     """Left-pad one batch of prompt token ids, generate with transformers' generate, and decode
-    each row up to its first stop token."""
+    each row up to its first stop token. With `timing`, adds the batch's prefill and decode
+    seconds and its decode steps to it."""
     import torch
+    from transformers import LogitsProcessorList
 
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -66,13 +95,18 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_
         n = len(prompt_ids)
         ids[row, width - n:] = torch.tensor(prompt_ids)
         mask[row, width - n:] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+    clock = _StepClock()
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         logits_processor=LogitsProcessorList([clock]), **gen_kwargs)
+    _add_timing(timing, start=start, clock=clock)
     stops = set(stop_ids)
     return [_decode(tokenizer, toks, stops, pad) for toks in out[:, width:].tolist()]
 
 
 def _run_batches(model, tokenizer, enc, order, *, batch_size: int, pad: int, stop_ids,
-                 device, gen_kwargs, use_loop: bool, done) -> None:
+                 device, gen_kwargs, use_loop: bool, done,
+                 timing: dict[str, float] | None = None) -> None:
     """Generate every prompt of `enc` (in `order`), calling done(index, Generation) for each:
     greedy.greedy_generate with `batch_size` slots (use_loop), else transformers' generate on
     batches of `batch_size`."""
@@ -89,7 +123,8 @@ def _run_batches(model, tokenizer, enc, order, *, batch_size: int, pad: int, sto
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = _generate_batch(model, tokenizer, [enc[i] for i in idx], pad=pad,
-                                stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs)
+                                stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs,
+                                timing=timing)
         for i, gen in zip(idx, batch):
             done(i, gen)
 
@@ -157,6 +192,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     use_loop = decoder == "continuous" and not do_sample and _greedy_loop_supported(model)
 
     generated = [0]
+    timing: dict[str, float] = {}
 
     def done(index: int, gen: Generation) -> None:
         results[index] = gen
@@ -169,15 +205,28 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         with torch.inference_mode():
             _run_batches(model, tokenizer, enc, order, batch_size=batch_size, pad=pad,
                          stop_ids=stop_ids, device=device, gen_kwargs=gen_kwargs,
-                         use_loop=use_loop, done=done)
+                         use_loop=use_loop, done=done, timing=timing)
     finally:
         if bar is not None:
             bar.close()
         if was_training:
             model.train()
-    generated_tokens = generated[0]
     if stats is not None:
-        elapsed = time.perf_counter() - t0
-        stats.update(generated_tokens=generated_tokens, seconds=round(elapsed, 3),
-                     tokens_per_second=round(generated_tokens / max(elapsed, 1e-9), 2))
+        stats.update(_speed_stats(generated[0], time.perf_counter() - t0, timing))
     return [r for r in results if r is not None]
+
+
+def _speed_stats(generated_tokens: int, elapsed: float, timing: dict[str, float]) -> dict:
+    """generate()'s stats: tokens, seconds, tokens/s, and (from transformers' generate) the
+    prefill and decode split. ms_per_decode_step is the length-fair figure: one decode step is
+    a forward over the batch's rows, the same shapes for two models given the same prompts,
+    whatever the answers' length."""
+    out: dict[str, Any] = dict(generated_tokens=generated_tokens, seconds=round(elapsed, 3),
+                               tokens_per_second=round(generated_tokens / max(elapsed, 1e-9), 2))
+    if timing.get("decode_steps"):
+        out.update(prefill_seconds=round(timing["prefill_seconds"], 3),
+                   decode_seconds=round(timing["decode_seconds"], 3),
+                   decode_steps=int(timing["decode_steps"]),
+                   ms_per_decode_step=round(1e3 * timing["decode_seconds"]
+                                            / timing["decode_steps"], 2))
+    return out

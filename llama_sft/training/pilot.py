@@ -284,12 +284,17 @@ def _generation_section(tuned: dict[str, Any], base: dict[str, Any],
     """The tuned model's generation figures, the base model's beside them, and their ratio.
     tokens/s also depends on how long the answers are (a tuned model that stops sooner spends a
     larger share of its time on the prompts' prefill), so each side also gets its mean answer
-    length and seconds per answer."""
+    length and seconds per answer, and the length-fair ratio: the base's time per decode step
+    over the tuned model's (the same prompts in the same batches, so the same shapes per step;
+    1.0 means the tuned model decodes as fast as the base)."""
     tuned, base = _per_answer(tuned, answers), _per_answer(base, answers)
     ratio = (tuned.get("tokens_per_second", 0.0) / base["tokens_per_second"]
              if base.get("tokens_per_second") else None)
+    step = (base["ms_per_decode_step"] / tuned["ms_per_decode_step"]
+            if base.get("ms_per_decode_step") and tuned.get("ms_per_decode_step") else None)
     return {**tuned, "base": base,
-            "tuned_over_base_tokens_per_second": None if ratio is None else round(ratio, 3)}
+            "tuned_over_base_tokens_per_second": None if ratio is None else round(ratio, 3),
+            "tuned_over_base_decode_step_speed": None if step is None else round(step, 3)}
 
 
 def _check(passed: bool, reason: str) -> dict[str, Any]:
@@ -323,9 +328,12 @@ def _per_answer(stats: dict[str, Any], answers: int) -> dict[str, Any]:
 
 
 def _speed(d: dict[str, Any]) -> str:
-    extra = (f" ({d['mean_answer_tokens']:.0f} tokens, {d['seconds_per_answer']:.2f} s an answer)"
-             if "seconds_per_answer" in d else "")
-    return f"{d.get('tokens_per_second', 0):.0f} tok/s{extra}"
+    parts = []
+    if "seconds_per_answer" in d:
+        parts += [f"{d['mean_answer_tokens']:.0f} tokens", f"{d['seconds_per_answer']:.2f} s an answer"]
+    if d.get("ms_per_decode_step"):
+        parts.append(f"{d['ms_per_decode_step']:.0f} ms a decode step")
+    return f"{d.get('tokens_per_second', 0):.0f} tok/s" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def format_summary(r: dict[str, Any]) -> str:
@@ -348,6 +356,10 @@ def format_summary(r: dict[str, Any]) -> str:
     if g.get("base"):
         lines.append(f"  generation: base {_speed(g['base'])}, tuned {_speed(g)}, through "
                      f"{g.get('through', '')}")
+        if g.get("tuned_over_base_decode_step_speed"):
+            lines.append(f"  tuned model's decode speed per step: "
+                         f"{g['tuned_over_base_decode_step_speed']:.2f}x the base's (length-fair; "
+                         "tok/s also counts the prompts' prefill over fewer or more answer tokens)")
     p = r["projection"]
     if p.get("available"):
         lines.append(f"  full training on {p['dataset']} ({p['train_examples']} examples x "
