@@ -29,6 +29,8 @@ Variants (baseline = what the toolkit's trainer does today on a CPU with bf16):
   one_thread      baseline with torch.set_num_threads(1) for its steps
   combined        decoder_only + no_input_cast + eager_attention
   compiled        baseline with torch.compile(model) (inductor, CPU); compile time reported apart
+  regional        baseline with each decoder layer compiled as --torch-compile does
+                  (llama_sft.modeling.compile.compile_layers: one graph, dynamic shapes)
 It checks that no_input_cast gives the same loss as the baseline on the first step.
 
 Also op-level timings: SDPA forward+backward with the padding mask against is_causal (no
@@ -48,13 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GSM8K, bench_examples, cpu_model_name, fmt_table, quiet_environment  # noqa: E402
 
 VARIANTS = ("baseline", "decoder_only", "no_input_cast", "eager_attention", "bf16_adapters",
-            "pure_bf16", "dropout_0.05", "one_thread", "combined", "compiled")
+            "pure_bf16", "dropout_0.05", "one_thread", "combined", "compiled", "regional")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="micro_levers.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "compiled"),
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS
+                                                  if v not in ("compiled", "regional")),
                    help=f"Comma-separated subset of {', '.join(VARIANTS)} (compiled is off by "
                         "default: minutes of compile time on 2 cores).")
     p.add_argument("--rounds", type=int, default=3)
@@ -101,6 +104,10 @@ def make_variant(name: str, spec) -> dict[str, Any]:
          "forward": model, "decoder_only": name in ("decoder_only", "combined")}
     if name == "compiled":
         v["forward"] = torch.compile(model)
+    if name == "regional":
+        from llama_sft.modeling.compile import compile_layers
+
+        compile_layers(model)
     return v
 
 
@@ -267,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(variants[n]["threads"] or default_threads)
         saved: dict = {}
         # warm-up (and compilation); counts the activation memory autograd saves
-        train_step(variants[n], batch, saved=None if n == "compiled" else saved)
+        train_step(variants[n], batch, saved=None if n in ("compiled", "regional") else saved)
         variants[n]["first_s"] = time.perf_counter() - t0
         variants[n]["saved_mb"] = saved.get("bytes", float("nan")) / 2**20
         # The first step's loss is the base model's (LoRA B starts at 0); the second one shows
