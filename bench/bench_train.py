@@ -73,7 +73,7 @@ from _common import (  # noqa: E402
 
 CONTENDERS = ("ours", "trl_default", "trl_fast", "naive")
 # ours_alt: ours with --alt-flags added to the toolkit's flags, to measure a lever side by side
-# (not in the default set).
+# (not in the default set); --ours-flags pins ours' side of it.
 ALL_CONTENDERS = CONTENDERS + ("ours_alt",)
 GPU_ASSETS = BENCH / ".gpu_assets"
 HELDOUT_ROWS = 32
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alt-flags", default="",
                    help="ours_alt only: extra llama_train.py flags, e.g. "
                         "'--attn-implementation sdpa'.")
+    p.add_argument("--ours-flags", default="",
+                   help="ours only: extra llama_train.py flags, to pin the other side of a "
+                        "lever ('--liger off' against --alt-flags '--liger on').")
     p.add_argument("--model", default="embedded", choices=("embedded", "random-tiny", "random-7b"),
                    help="embedded: SmolLM2-135M (CPU). random-7b: LLaMA-7B shapes with random "
                         "weights (--layers of them). random-tiny: 2 layers of 64, a smoke test.")
@@ -218,6 +221,8 @@ def resolve_cfg(args, model_path: str, size: str, max_steps: int, output_dir: Pa
         argv.append("--use-4bit")
     if args.worker == "ours_alt":
         argv += shlex.split(args.alt_flags)
+    elif args.worker == "ours":
+        argv += shlex.split(args.ours_flags)
     return resolve_train_config(argv)
 
 
@@ -442,13 +447,16 @@ def run_worker(args) -> dict[str, Any]:
                          on_trainer=on_trainer)
         trainer = holder["trainer"]
         model = result["model"]
+        kernels = result["kernels"]
+        extra_flags = args.alt_flags if args.worker == "ours_alt" else args.ours_flags
         info["settings"] = (f"llama_sft.training.recipe.run_sft; weights {next(model.parameters()).dtype}, "
                             f"bf16 autocast {bf16}, gradient checkpointing "
-                            f"{cfg.gradient_checkpointing}, PadCollator + group_by_length, LM "
-                            f"head at supervised positions, attention "
-                            f"{model.get_base_model().config._attn_implementation}"
-                            + (f", extra flags {args.alt_flags!r}"
-                               if args.worker == "ours_alt" else ""))
+                            f"{cfg.gradient_checkpointing}, "
+                            f"{'padding-free' if kernels['padding_free'] else 'PadCollator'} + "
+                            f"group_by_length, LM head at supervised positions, attention "
+                            f"{kernels['attn_implementation']}, Liger {kernels['liger']}"
+                            + (f", extra flags {extra_flags!r}" if extra_flags else ""))
+        info["kernels"] = kernels
         info["toolkit_tokens_seen"] = trainer.tokens_seen
     elif args.worker in ("trl_default", "trl_fast"):
         import datasets
@@ -590,6 +598,8 @@ def spawn(args, contender: str, model_path: str, log_dir: Path) -> dict[str, Any
         cmd.append("--use-4bit")
     if args.alt_flags:
         cmd += ["--alt-flags=" + args.alt_flags]
+    if args.ours_flags:
+        cmd += ["--ours-flags=" + args.ours_flags]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
@@ -771,7 +781,7 @@ def summarize(args, runs, contenders, peak_note: str, rounds: int) -> dict[str, 
     summary["ratios"] = {k: med(v) for k, v in ratios.items()}
     summary["ratios_per_round"] = ratios
     parts = []
-    for k in ("ours/trl_default", "ours/trl_fast"):
+    for k in ("ours/trl_default", "ours/trl_fast", "ours/ours_alt", "mem/ours_alt"):
         if k in ratios:
             parts.append(f"{k}={med(ratios[k]):.2f}")
     if "ours" in summary:

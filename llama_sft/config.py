@@ -294,12 +294,37 @@ class TrainArgs(CacheArgs, ModelArgs, DataArgs):
     early_stopping_patience: int | None = _f(None, "Stop after N evaluations without a better "
                                              "eval loss (default: off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    torch_compile: str = _f("auto", "Compile each decoder layer with torch.compile (fuses "
+                            "the elementwise work between matmuls; compiled bf16 losses follow "
+                            "fp32's): 'auto' (on a CPU, single process, no 4-bit/8-bit, for runs "
+                            "of at least 250 optimizer steps, where the compile time pays "
+                            "back: bench/RESULTS.md; off on a GPU until measured there), "
+                            "'on', 'off'.",
+                            choices=("auto", "on", "off"))
+    base_dtype: str = _f("auto", "Dtype of the frozen base weights (and of 4-bit/8-bit compute): "
+                         "auto (bfloat16 where the GPU or CPU has it, else float32/float16), "
+                         "float32 (twice the memory; mixed precision stays on, as in TRL's "
+                         "defaults), bfloat16, float16.",
+                         choices=("auto", "float32", "bfloat16", "float16"))
     attn_implementation: str = _f("auto", "Attention kernel for training: 'auto' (on a CPU "
                                   "'sdpa_recompute': SDPA's memory with eager attention's speed, "
                                   "see llama_sft/modeling/attention.py; 'sdpa' on a GPU), 'sdpa', "
                                   "'sdpa_recompute', 'eager' (as fast on a CPU, but keeps "
                                   "T^2 attention weights per layer), or another name transformers "
                                   "accepts (e.g. flash_attention_2 if installed).")
+    liger: str = _f("auto", "Liger kernels (liger-kernel: fused RMSNorm, RoPE and SwiGLU, "
+                    "Triton, GPU only) patched into the model: 'auto' (on when the device is "
+                    "CUDA and liger_kernel imports, else off), 'on' (an error where they cannot "
+                    "run) or 'off'. The LM head and loss stay the toolkit's own.",
+                    choices=("auto", "on", "off"))
+    padding_free: str = _f("auto", "Padding-free batches: each micro-batch's rows concatenated "
+                           "into one row whose position_ids restart at 0 per row, so no padding "
+                           "is computed (same loss as padded batches). 'auto': on only on a "
+                           "CUDA GPU with an attention that runs per row without a dense "
+                           "[tokens, tokens] mask (flash_attention_2/3/4, flex_attention); off "
+                           "elsewhere (with sdpa, eager or sdpa_recompute attention runs over the "
+                           "whole concatenated row). 'on' works with those too, 'off'.",
+                           choices=("auto", "on", "off"))
     auto_batch_backoff: bool = _f(False, "On out of memory in a training step, retry that "
                                   "micro-batch as halves (extra accumulation: same effective "
                                   "batch and update, to rounding) down to one row, and keep the "

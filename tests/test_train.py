@@ -113,6 +113,27 @@ def test_train_writes_the_documented_layout_and_only_lora_moves(tmp_path, tiny_l
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("flag, dtype", [("auto", None), ("float32", torch.float32)])
+def test_base_dtype_sets_the_frozen_weights_dtype_and_mixed_precision_stays(
+        tmp_path, tiny_llama_dir, flag, dtype):
+    from llama_sft.modeling.load import best_dtype
+
+    seen = {}
+
+    def look(trainer):
+        seen["frozen"] = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+        seen["lora"] = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+        seen["bf16"] = trainer.args.bf16
+
+    cfg = cfg_for(tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "1",
+                            "--eval-steps", "5", "--base-dtype", flag))
+    result = run_train(cfg, on_trainer=look)
+    assert seen["frozen"] == {dtype or best_dtype("cpu")}
+    assert seen["lora"] == {torch.float32}
+    assert seen["bf16"] == (best_dtype("cpu") == torch.bfloat16)
+    assert math.isfinite(result["train_loss"])
+
+
 def test_rerun_into_an_existing_run_is_refused_and_nothing_is_touched(tmp_path, tiny_llama_dir, capsys):
     argv = tiny_args(tmp_path, tiny_llama_dir, "run", "--max-steps", "2", "--eval-steps", "2")
     assert llama_train.main(argv) == 0

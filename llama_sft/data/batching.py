@@ -1,7 +1,7 @@
 """Batches for training: the padding collator (padding masked by the attention mask, never by
-token id), the tokenized-rows dataset, example ids for the consumed-ids log, and the
-length-grouped sampler (transformers' order, with megabatches that also group small sets).
-Imports torch."""
+token id), the padding-free collator (rows concatenated, position_ids restarting per row), the
+tokenized-rows dataset, example ids for the consumed-ids log, and the length-grouped sampler
+(transformers' order, with megabatches that also group small sets). Imports torch."""
 
 from __future__ import annotations
 
@@ -133,6 +133,37 @@ class PadCollator:
         if self.example_ids:
             batch["example_ids"] = [example_id(r) for r in rows]
         return batch
+
+
+@dataclass
+class PaddingFreeCollator:
+    """A micro-batch's rows concatenated into one row [1, total tokens], with no padding and no
+    attention_mask: position_ids restart at 0 at each row, which transformers turns into varlen
+    attention (flash) or a block-diagonal mask (sdpa, eager, flex) when the model runs without
+    a cache; labels are -100 at each row's first position, so no token is trained to predict
+    the next row. transformers' DataCollatorWithFlattening does exactly that; this adds
+    `example_ids` as PadCollator has them. The supervised positions, and so the loss, are those
+    of the padded batch."""
+
+    example_ids: bool = False
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        from transformers import DataCollatorWithFlattening
+
+        batch = DataCollatorWithFlattening(return_tensors="pt")(
+            [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        if self.example_ids:
+            batch["example_ids"] = [example_id(r) for r in rows]
+        return batch
+
+
+def packed_row_starts(batch: dict[str, Any]) -> list[int] | None:
+    """Where each row begins in a padding-free batch (position_ids 0), or None for a padded
+    one."""
+    pos = batch.get("position_ids")
+    if pos is None or batch.get("attention_mask") is not None or pos.shape[0] != 1:
+        return None
+    return (pos[0] == 0).nonzero().flatten().tolist()
 
 
 def example_id(row: dict[str, Any]) -> str:

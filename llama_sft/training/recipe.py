@@ -1,7 +1,7 @@
 """The training run shared by llama_train.py and llama_pilot.py, as named phases:
 
-    run = setup(cfg, output_dir, run_config)       resume policy, logs, precision, W&B
-    model = prepare_model(cfg, run, model)          base model, attention, seed, LoRA
+    run = setup(cfg, output_dir, run_config)       kernels, resume policy, logs, precision, W&B
+    model = prepare_model(cfg, run, model)          base model, attention, Liger, seed, LoRA
     trainer = build_trainer(cfg, run, model, ...)   SFTTrainer, callbacks, test-only faults
     result = train(cfg, run, trainer)               signals, out-of-memory message
     finish(cfg, run, trainer, result, stage=...)    final evaluation, train_results fields
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llama_sft.cli import is_main_process
-from llama_sft.data.batching import PadCollator, TokenizedDataset
-from llama_sft.errors import RunSetupError, TrainingError
+from llama_sft.data.batching import PadCollator, PaddingFreeCollator, TokenizedDataset
+from llama_sft.errors import ConfigError, RunSetupError, TrainingError
 from llama_sft.evaluation.generate import generate
 from llama_sft.evaluation.metrics import perplexity
 from llama_sft.layout import RESUME_STATE, RUN_CONFIG, STEP_LOGS, ResumeState, RunConfig
@@ -51,6 +51,16 @@ class RunSetup:
     resume_from: Path | None
     start_step: int
     stop_flag: dict[str, Any] = field(default_factory=dict)  # set by SignalCatcher
+    attn_implementation: str = "sdpa"
+    liger: bool = False  # Liger's kernels patched into the model (modeling/liger.py)
+    padding_free: bool = False  # PaddingFreeCollator instead of PadCollator
+    torch_compile: bool = False  # decoder layers compiled for training (modeling/compile.py)
+
+    @property
+    def kernels(self) -> dict[str, Any]:
+        """What the run computes with, for train_results.json."""
+        return {"attn_implementation": self.attn_implementation, "liger": self.liger,
+                "padding_free": self.padding_free, "torch_compile": self.torch_compile}
 
 
 def build_training_args(cfg: Any, output_dir: Path, *, has_eval: bool, bf16: bool, fp16: bool):
@@ -130,13 +140,140 @@ def resolve_attn_implementation(name: str | None, device: str) -> str:
     return name
 
 
-def setup(cfg: Any, output_dir: Path, run_config: RunConfig) -> RunSetup:
-    """The resume decision (refused before anything is written), then the logs cut back to the
-    resumed step (or removed for a fresh start), and W&B."""
+# Attention that keeps the rows of a padding-free batch apart without a dense [tokens, tokens]
+# mask: flash varlen from the restarting position_ids, or flex_attention's block-sparse mask.
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4",
+                    "flex_attention")
+# Attention that gets transformers' dense block-diagonal mask from the restarting position_ids
+# (masking_utils.find_packed_sequence_indices, with no cache): the same loss, but computed over
+# the whole concatenated row (tests/test_gpu_levers.py checks each against padded batches).
+DENSE_MASK_ATTENTION = ("sdpa", "eager", "sdpa_recompute")
+
+
+def resolve_padding_free(choice: str | None, device: str, attn_implementation: str
+                         ) -> tuple[bool, str]:
+    """--padding-free: (concatenate each micro-batch's rows, why). 'auto': on a CUDA GPU with a
+    PACKED_ATTENTION kernel only; 'on' with an attention that would let the rows see each other
+    is a ConfigError."""
+    if choice == "off":
+        return False, "--padding-free off"
+    if choice == "on":
+        if attn_implementation not in PACKED_ATTENTION + DENSE_MASK_ATTENTION:
+            raise ConfigError(
+                f"--padding-free on: attention {attn_implementation!r} is not known to keep the "
+                "concatenated rows apart; use --attn-implementation "
+                f"{', '.join(PACKED_ATTENTION + DENSE_MASK_ATTENTION)}, or --padding-free off")
+        return True, "--padding-free on"
+    if device == "cuda" and attn_implementation in PACKED_ATTENTION:
+        return True, f"auto: CUDA with {attn_implementation}"
+    return False, (f"auto: on only on a CUDA GPU with {', '.join(PACKED_ATTENTION)}; here "
+                   f"{device} with {attn_implementation}")
+
+
+def resolve_liger(choice: str | None, device: str) -> tuple[bool, str]:
+    """--liger: (patch Liger's kernels in, why). 'auto': on when the device is CUDA and
+    liger_kernel imports; 'on' where that is not so is a ConfigError saying what to do."""
+    if choice == "off":
+        return False, "--liger off"
+    if device != "cuda":
+        if choice == "on":
+            raise ConfigError(f"--liger on needs a CUDA GPU (Liger's kernels are Triton) and "
+                              f"this run is on the {device}; use --liger auto (off here) or off")
+        return False, f"auto: Liger's kernels are Triton, GPU only; here {device}"
+    from llama_sft.modeling.liger import liger_import_problem
+
+    problem = liger_import_problem()
+    if problem is not None:
+        if choice == "on":
+            raise ConfigError(f"--liger on: liger_kernel does not import ({problem}); install "
+                              "it (pip install liger-kernel; it needs triton, which CUDA builds "
+                              "of torch bring), or use --liger auto or off")
+        return False, f"auto: liger_kernel does not import ({problem}); pip install liger-kernel"
+    return True, "--liger on" if choice == "on" else "auto: CUDA and liger_kernel found"
+
+
+def resolve_compile(choice: str | None, device: str, *, steps: int, quantized: bool,
+                    processes: int) -> tuple[bool, str]:
+    """--torch-compile: (compile the decoder layers, why). 'auto': on a CPU, in one process,
+    without 4-bit/8-bit layers, for runs of at least compile.AUTO_MIN_STEPS optimizer steps
+    (below that the compile time costs more than the faster steps save: bench/RESULTS.md)."""
+    from llama_sft.modeling.compile import AUTO_MIN_STEPS
+
+    if choice == "off":
+        return False, "--torch-compile off"
+    if choice == "on":
+        return True, "--torch-compile on"
+    if device != "cpu":
+        return False, f"auto: measured on a CPU only; here {device}"
+    if quantized or processes > 1:
+        return False, ("auto: not with 4-bit/8-bit layers" if quantized
+                       else "auto: single process only")
+    if steps < AUTO_MIN_STEPS:
+        return False, (f"auto: {steps} steps; compiling pays from about {AUTO_MIN_STEPS} on "
+                       "this kind of CPU (--torch-compile on to force it)")
+    return True, f"auto: {steps} steps on a CPU"
+
+
+def planned_steps(cfg: Any, trainer, n_rows: int) -> int:
+    """Optimizer steps this run will take (from its first step)."""
+    import math
+
+    if trainer.args.max_steps and trainer.args.max_steps > 0:
+        return int(trainer.args.max_steps)
+    per_step = (trainer.args.per_device_train_batch_size
+                * trainer.args.gradient_accumulation_steps * max(1, trainer.args.world_size))
+    return int(math.ceil(n_rows / per_step) * cfg.num_epochs)
+
+
+def maybe_compile(cfg: Any, run: RunSetup, trainer, n_rows: int) -> None:
+    """Compile the decoder layers when --torch-compile resolves to on (logged with why)."""
+    from llama_sft.modeling.compile import compile_layers
+
+    model = trainer.model
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False)
+                     or getattr(model, "is_loaded_in_8bit", False)
+                     or getattr(getattr(model, "get_base_model", lambda: model)(),
+                                "is_quantized", False))
+    on, why = resolve_compile(getattr(cfg, "torch_compile", "auto"), run.device,
+                              steps=planned_steps(cfg, trainer, n_rows), quantized=quantized,
+                              processes=trainer.args.world_size)
+    if on:
+        n = compile_layers(model)
+        on = n > 0
+        why += f"; {n} decoder layers" if n else "; no decoder layers found, not compiled"
+    run.torch_compile = on
+    trainer.compiled = on
+    logger.info("torch.compile %s (%s)", "on" if on else "off", why)
+
+
+def training_device() -> str:
     import torch
 
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_kernels(cfg: Any, device: str, *, log: bool = True) -> tuple[str, bool, bool]:
+    """(attention, Liger, padding-free) for this device, logged with the reasons in one line;
+    a ConfigError for a choice that cannot run here. Stages call it once with log=False before
+    they write anything, so such a refusal leaves --output-dir as it was."""
+    attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), device)
+    liger, liger_why = resolve_liger(getattr(cfg, "liger", "auto"), device)
+    padding_free, free_why = resolve_padding_free(getattr(cfg, "padding_free", "auto"), device,
+                                                  attn)
+    if log:
+        logger.info("kernels: attention %s | Liger %s (%s) | padding-free batches %s (%s)",
+                    attn, "on" if liger else "off", liger_why, "on" if padding_free else "off",
+                    free_why)
+    return attn, liger, padding_free
+
+
+def setup(cfg: Any, output_dir: Path, run_config: RunConfig) -> RunSetup:
+    """The kernels for this device and the resume decision (both refused before anything is
+    written), then the logs cut back to the resumed step (or removed for a fresh start), and
+    W&B."""
+    device = training_device()
+    attn, liger, padding_free = resolve_kernels(cfg, device)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16, fp16 = precision_flags(device)
     resume_from = find_resume_checkpoint(output_dir, cfg.resume, run_config, cfg.force)
     start_step = checkpoint_step(resume_from) if resume_from else 0
@@ -152,7 +289,8 @@ def setup(cfg: Any, output_dir: Path, run_config: RunConfig) -> RunSetup:
                 (output_dir / name).unlink(missing_ok=True)
     if cfg.use_wandb:
         setup_wandb(cfg)
-    return RunSetup(output_dir, device, bf16, fp16, resume_from, start_step)
+    return RunSetup(output_dir, device, bf16, fp16, resume_from, start_step,
+                    attn_implementation=attn, liger=liger, padding_free=padding_free)
 
 
 def same_resume_step_everywhere(output_dir: Path, resume: str, start_step: int) -> None:
@@ -177,15 +315,22 @@ def same_resume_step_everywhere(output_dir: Path, resume: str, start_step: int) 
 
 
 def prepare_model(cfg: Any, run: RunSetup, base_model: str, model=None):
-    """The base model (loaded unless given), its attention kernel, then LoRA on top."""
+    """The base model (loaded unless given), its attention kernel and Liger's kernels (as
+    setup resolved them), then LoRA on top."""
+    import torch
     from transformers import set_seed
 
     if model is None:
+        base_dtype = getattr(cfg, "base_dtype", "auto")
         model = load_model(base_model, use_4bit=cfg.use_4bit, use_8bit=cfg.use_8bit,
-                           trust_remote_code=cfg.trust_remote_code, for_training=True)
-    attn = resolve_attn_implementation(getattr(cfg, "attn_implementation", "auto"), run.device)
-    if getattr(model.config, "_attn_implementation", None) != attn:
-        model.set_attn_implementation(attn)
+                           trust_remote_code=cfg.trust_remote_code, for_training=True,
+                           dtype=None if base_dtype == "auto" else getattr(torch, base_dtype))
+    if getattr(model.config, "_attn_implementation", None) != run.attn_implementation:
+        model.set_attn_implementation(run.attn_implementation)
+    if run.liger:  # before LoRA, which wraps the projections Liger's SwiGLU calls
+        from llama_sft.modeling.liger import apply_liger
+
+        run.liger = apply_liger(model, getattr(cfg, "liger", "auto"))
     # LoRA A is initialised from the global RNG: seed first, or two runs with the same --seed
     # start from different adapters.
     set_seed(cfg.seed)
@@ -239,9 +384,7 @@ def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=_as_dataset(train_rows),
         eval_dataset=_as_dataset(eval_rows) if eval_rows else None,
-        data_collator=PadCollator(tokenizer.pad_token_id,
-                                  pad_to_multiple_of=8 if run.device == "cuda" else None,
-                                  example_ids=True),
+        data_collator=_collator(run, tokenizer),
         processing_class=tokenizer, auto_batch_backoff=backoff,
         checkpoint_extras=lambda state: {
             RUN_CONFIG: run_config.to_dict(),
@@ -262,6 +405,14 @@ def build_trainer(cfg: Any, run: RunSetup, model, tokenizer, *, train_rows: list
             early_stopping_patience=cfg.early_stopping_patience))
     FaultInjection.from_env().attach(trainer)
     return trainer
+
+
+def _collator(run: RunSetup, tokenizer):
+    """Padding-free (one concatenated row per micro-batch) or padded to the longest row."""
+    if run.padding_free:
+        return PaddingFreeCollator(example_ids=True)
+    return PadCollator(tokenizer.pad_token_id,
+                       pad_to_multiple_of=8 if run.device == "cuda" else None, example_ids=True)
 
 
 def _sample_fn(cfg: Any, trainer, tokenizer, sample_prompts: list[dict]) -> Callable | None:
@@ -337,6 +488,7 @@ def finish(cfg: Any, run: RunSetup, trainer, result, elapsed: float, *, stage: s
         "best_checkpoint": state.best_model_checkpoint, "best_eval_loss": state.best_metric,
         "early_stopped": bool(early_stopped),
         "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "kernels": run.kernels,
     }
     if final_eval:
         results["eval_loss"] = round(final_eval["eval_loss"], 6)
@@ -375,7 +527,12 @@ def run_sft(cfg: Any, *, output_dir: Path, train_rows: list[dict], eval_rows: li
     trainer = build_trainer(cfg, run, model, tokenizer, train_rows=train_rows,
                             eval_rows=eval_rows, sample_prompts=sample_prompts,
                             run_config=run_config)
+    maybe_compile(cfg, run, trainer, len(train_rows))
     if on_trainer is not None:
         on_trainer(trainer)
     result, elapsed = train(cfg, run, trainer)
+    if run.torch_compile:  # the final evaluation and any generation after it run eager
+        from llama_sft.modeling.compile import uncompile
+
+        uncompile(model)
     return finish(cfg, run, trainer, result, elapsed, stage=stage, has_eval=bool(eval_rows))

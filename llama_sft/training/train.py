@@ -26,7 +26,7 @@ from llama_sft.errors import ConfigError, DatasetError
 from llama_sft.layout import TEST_SPLIT, RunConfig
 from llama_sft.modeling.load import load_generation_config, load_tokenizer, resolve_base_model
 from llama_sft.training.outputs import check_output_dir, finish_outputs
-from llama_sft.training.recipe import run_sft
+from llama_sft.training.recipe import resolve_kernels, run_sft, training_device
 from llama_sft.versions import TOOLKIT_VERSION, library_versions
 
 logger = logging.getLogger("llama_sft")
@@ -135,6 +135,7 @@ def run_train(cfg: TrainArgs, *, on_trainer=None) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     if cfg.dataset:
         check_output_dir(output_dir, cfg.resume)
+    resolve_kernels(cfg, training_device(), log=False)  # refusals before test.jsonl is written
     base_model = resolve_base_model(cfg.model_size, cfg.base_model)
     tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, cfg.prompt_format)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from llama_sft.data.batching import GroupedLengthSampler, TokenizedDataset
+from llama_sft.data.batching import GroupedLengthSampler, TokenizedDataset, packed_row_starts
 from llama_sft.errors import NonFiniteLossError, NonFiniteWeightsError
 from llama_sft.modeling.loss import fusable_head, supervised_cross_entropy
 from llama_sft.training.checkpoints import save_checkpoint_atomically
@@ -48,6 +48,9 @@ def split_micro_batch(inputs: dict[str, Any], rows: int,
                       pad_to_multiple_of: int | None = None) -> list[dict[str, Any]]:
     """A collated batch cut into parts of at most `rows` rows, each cut to its own longest row
     (right padding: the columns dropped are padding only)."""
+    starts = packed_row_starts(inputs)
+    if starts is not None:
+        return _split_padding_free(inputs, rows, starts)
     n = int(inputs["input_ids"].shape[0])
     if rows >= n:
         return [inputs]
@@ -64,6 +67,23 @@ def split_micro_batch(inputs: dict[str, Any], rows: int,
                     for k, v in part.items()}
         parts.append(part)
     return parts
+
+
+def _split_padding_free(inputs: dict[str, Any], rows: int,
+                        starts: list[int]) -> list[dict[str, Any]]:
+    """A padding-free batch cut between its rows, at most `rows` rows a part (each part's first
+    label is its row's -100 separator)."""
+    if rows >= len(starts):
+        return [inputs]
+    bounds = starts[::rows] + [int(inputs["input_ids"].shape[1])]
+    return [{k: v[:, a:b] if getattr(v, "dim", lambda: 0)() == 2 else v
+             for k, v in inputs.items()} for a, b in zip(bounds, bounds[1:])]
+
+
+def micro_batch_rows(inputs: dict[str, Any]) -> int:
+    """Examples in a collated batch: its rows, or the rows concatenated into a padding-free one."""
+    starts = packed_row_starts(inputs)
+    return len(starts) if starts is not None else int(inputs["input_ids"].shape[0])
 
 
 @contextlib.contextmanager
@@ -98,11 +118,22 @@ class SFTTrainer(Trainer):
         self._consumed: list[list[str]] = []  # the example ids of each micro-batch
         self._keep: torch.Tensor | None = None
         self._tuner_layers: list[Any] | None = None
+        self.compiled = False  # decoder layers compiled for training (recipe.maybe_compile)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if enable_fsdp_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
+
+    def evaluate(self, *args, **kwargs):
+        """With compiled decoder layers, evaluation and the sample generations its callbacks
+        run go eager: their no-grad and KV-cache shapes would only add compiles."""
+        if not self.compiled:
+            return super().evaluate(*args, **kwargs)
+        from llama_sft.modeling.compile import eager
+
+        with eager():
+            return super().evaluate(*args, **kwargs)
 
     # -- the loss --------------------------------------------------------------------------
 
@@ -160,7 +191,7 @@ class SFTTrainer(Trainer):
             # does (a per-process mean weighs processes, not tokens, and ignores accumulation).
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             loss = model(input_ids=inputs["input_ids"], attention_mask=mask, labels=labels,
-                         use_cache=False, **extra).loss
+                         position_ids=inputs.get("position_ids"), use_cache=False, **extra).loss
             if (self.args.average_tokens_across_devices and num_items_in_batch is not None
                     and self.accelerator.num_processes > 1):
                 loss = loss * self.accelerator.num_processes
@@ -182,7 +213,9 @@ class SFTTrainer(Trainer):
         handle = norm.register_forward_hook(grab)
         try:
             with self._no_lora_input_cast(model):
+                # No cache: with one, transformers skips the padding-free rows' mask.
                 model(input_ids=inputs["input_ids"], attention_mask=mask, use_cache=False,
+                      position_ids=inputs.get("position_ids"),
                       logits_to_keep=self._keep_index(device))
         finally:
             handle.remove()
@@ -240,7 +273,7 @@ class SFTTrainer(Trainer):
     def _try_in_parts(self, model, inputs, num_items_in_batch):
         """The micro-batch in parts of micro_batch_limit rows; None after an out-of-memory
         error (rolled back, the limit halved)."""
-        rows = int(inputs["input_ids"].shape[0])
+        rows = micro_batch_rows(inputs)
         size = min(self.micro_batch_limit or rows, rows)
         saved = _detach_grads(model)
         counters = (self.tokens_seen, self.supervised_tokens_seen)
