@@ -212,6 +212,9 @@ def get_spec(model_size: str) -> ModelSpec:
     return MODEL_SPECS[key]
 
 
+AUTO_ON_OFF = ("auto", "on", "off")  # the choices of a switch whose default is decided per run
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help string (shown by --help); mutable defaults via factory."""
     if isinstance(default, (list, dict)):
@@ -300,7 +303,7 @@ class TrainArgs(CacheArgs, ModelArgs, DataArgs):
                             "of at least 250 optimizer steps, where the compile time pays "
                             "back: bench/RESULTS.md; off on a GPU until measured there), "
                             "'on', 'off'.",
-                            choices=("auto", "on", "off"))
+                            choices=AUTO_ON_OFF)
     base_dtype: str = _f("auto", "Dtype of the frozen base weights (and of 4-bit/8-bit compute): "
                          "auto (bfloat16 where the GPU or CPU has it, else float32/float16), "
                          "float32 (twice the memory; mixed precision stays on, as in TRL's "
@@ -316,7 +319,7 @@ class TrainArgs(CacheArgs, ModelArgs, DataArgs):
                     "Triton, GPU only) patched into the model: 'auto' (on when the device is "
                     "CUDA and liger_kernel imports, else off), 'on' (an error where they cannot "
                     "run) or 'off'. The LM head and loss stay the toolkit's own.",
-                    choices=("auto", "on", "off"))
+                    choices=AUTO_ON_OFF)
     padding_free: str = _f("auto", "Padding-free batches: each micro-batch's rows concatenated "
                            "into one row whose position_ids restart at 0 per row, so no padding "
                            "is computed (same loss as padded batches). 'auto': on only on a "
@@ -324,7 +327,7 @@ class TrainArgs(CacheArgs, ModelArgs, DataArgs):
                            "[tokens, tokens] mask (flash_attention_2/3/4, flex_attention); off "
                            "elsewhere (with sdpa, eager or sdpa_recompute attention runs over the "
                            "whole concatenated row). 'on' works with those too, 'off'.",
-                           choices=("auto", "on", "off"))
+                           choices=AUTO_ON_OFF)
     auto_batch_backoff: bool = _f(False, "On out of memory in a training step, retry that "
                                   "micro-batch as halves (extra accumulation: same effective "
                                   "batch and update, to rounding) down to one row, and keep the "

@@ -156,11 +156,16 @@ def _interrupt_at(step: int):
     return lambda trainer: trainer.add_callback(Interrupt())
 
 
-def test_guarantee_01_sigint_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir):
+# "on": compiled decoder layers, what a long CPU run gets by default (--torch-compile auto
+# compiles from 250 steps; this run is 6).
+@pytest.mark.parametrize("compile_flag", ["auto", "on"], ids=["eager", "compiled"])
+def test_guarantee_01_sigint_mid_epoch_then_resume_matches_an_uninterrupted_run(
+        tmp_path, tiny_llama_dir, compile_flag):
     """RELIABILITY 1, 2, 5: stopped mid-epoch with accumulation > 1 and dropout > 0, then resumed
     in a fresh run: the same per-step losses and the same final LoRA tensors."""
     common = ["--max-steps", "6", "--eval-steps", "100", "--save-steps", "100",
-              "--gradient-accumulation-steps", "2", "--lora-dropout", "0.1"]
+              "--gradient-accumulation-steps", "2", "--lora-dropout", "0.1",
+              "--torch-compile", compile_flag]
     straight = tiny_args(tmp_path, tiny_llama_dir, "straight", *common)
     assert llama_train.main(straight) == 0
 
@@ -172,6 +177,8 @@ def test_guarantee_01_sigint_mid_epoch_then_resume_matches_an_uninterrupted_run(
     assert not (tmp_path / "stopped" / "final_model").exists()
 
     assert llama_train.main(stopped + ["--resume", "auto"]) == 0
+    kernels = json.loads((tmp_path / "stopped" / "train_results.json").read_text())["kernels"]
+    assert kernels["torch_compile"] is (compile_flag == "on")
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:

@@ -69,9 +69,9 @@ class _StepClock:
         return scores
 
 
-def _add_timing(timing: dict[str, float] | None, *, start: float, clock: _StepClock) -> None:
+def _add_timing(timing: dict[str, float], *, start: float, clock: _StepClock) -> None:
     """Adds one batch's prefill seconds, decode seconds and decode steps to `timing`."""
-    if timing is None or clock.first is None:
+    if clock.first is None:  # nothing generated
         return
     end = time.perf_counter()
     timing["prefill_seconds"] = timing.get("prefill_seconds", 0.0) + clock.first - start
@@ -81,10 +81,10 @@ def _add_timing(timing: dict[str, float] | None, *, start: float, clock: _StepCl
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_ids: list[int],
                     device, gen_kwargs: dict[str, Any],
-                    timing: dict[str, float] | None = None) -> list[Generation]:
+                    timing: dict[str, float]) -> list[Generation]:
     """Left-pad one batch of prompt token ids, generate with transformers' generate, and decode
-    each row up to its first stop token. With `timing`, adds the batch's prefill and decode
-    seconds and its decode steps to it."""
+    each row up to its first stop token; adds the batch's prefill and decode seconds and its
+    decode steps to `timing`."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -105,8 +105,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], *, pad: int, stop_
 
 
 def _run_batches(model, tokenizer, enc, order, *, batch_size: int, pad: int, stop_ids,
-                 device, gen_kwargs, use_loop: bool, done,
-                 timing: dict[str, float] | None = None) -> None:
+                 device, gen_kwargs, use_loop: bool, done, timing: dict[str, float]) -> None:
     """Generate every prompt of `enc` (in `order`), calling done(index, Generation) for each:
     greedy.greedy_generate with `batch_size` slots (use_loop), else transformers' generate on
     batches of `batch_size`."""

@@ -239,14 +239,19 @@ def keep_4bit_training_layout(model) -> int:
     return changed
 
 
+def is_quantized(model) -> bool:
+    """Loaded in 4-bit or 8-bit (bitsandbytes); peft's wrappers pass the question through."""
+    return bool(getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_8bit", False))
+
+
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str = "all-linear",
              gradient_checkpointing: bool = False):
     """Wrap a model with a LoRA adapter (all linear layers by default; the LM head is never
     adapted). For a quantized base, peft's k-bit preparation runs first."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if quantized:
+    if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

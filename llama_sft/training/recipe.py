@@ -24,7 +24,7 @@ from llama_sft.errors import ConfigError, RunSetupError, TrainingError
 from llama_sft.evaluation.generate import generate
 from llama_sft.evaluation.metrics import perplexity
 from llama_sft.layout import RESUME_STATE, RUN_CONFIG, STEP_LOGS, ResumeState, RunConfig
-from llama_sft.modeling.load import add_lora, cpu_has_bf16, load_model
+from llama_sft.modeling.load import add_lora, cpu_has_bf16, is_quantized, load_model
 from llama_sft.training.checkpoints import (
     checkpoint_step,
     find_resume_checkpoint,
@@ -214,15 +214,15 @@ def resolve_compile(choice: str | None, device: str, *, steps: int, quantized: b
     return True, f"auto: {steps} steps on a CPU"
 
 
-def planned_steps(cfg: Any, trainer, n_rows: int) -> int:
-    """Optimizer steps this run will take (from its first step)."""
+def planned_steps(args, n_rows: int) -> int:
+    """Optimizer steps a run with these TrainingArguments takes over n_rows (from step 0)."""
     import math
 
-    if trainer.args.max_steps and trainer.args.max_steps > 0:
-        return int(trainer.args.max_steps)
-    per_step = (trainer.args.per_device_train_batch_size
-                * trainer.args.gradient_accumulation_steps * max(1, trainer.args.world_size))
-    return int(math.ceil(n_rows / per_step) * cfg.num_epochs)
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                * max(1, args.world_size))
+    return int(math.ceil(n_rows / per_step) * args.num_train_epochs)
 
 
 def maybe_compile(cfg: Any, run: RunSetup, trainer, n_rows: int) -> None:
@@ -230,13 +230,9 @@ def maybe_compile(cfg: Any, run: RunSetup, trainer, n_rows: int) -> None:
     from llama_sft.modeling.compile import compile_layers
 
     model = trainer.model
-    quantized = bool(getattr(model, "is_loaded_in_4bit", False)
-                     or getattr(model, "is_loaded_in_8bit", False)
-                     or getattr(getattr(model, "get_base_model", lambda: model)(),
-                                "is_quantized", False))
     on, why = resolve_compile(getattr(cfg, "torch_compile", "auto"), run.device,
-                              steps=planned_steps(cfg, trainer, n_rows), quantized=quantized,
-                              processes=trainer.args.world_size)
+                              steps=planned_steps(trainer.args, n_rows),
+                              quantized=is_quantized(model), processes=trainer.args.world_size)
     if on:
         n = compile_layers(model)
         on = n > 0
